@@ -1,0 +1,127 @@
+//! `npd-agent run`: the daemon.
+
+use std::{
+    io::Write as _,
+    process::ExitCode,
+    sync::atomic::Ordering,
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cli::RunArgs,
+    event::KernelEvent,
+    sensor::{EVENT_KINDS, Sensor, SensorConfig},
+};
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout carries the JSON lines.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut config = SensorConfig::new(args.source);
+    config.tracefs = args.tracefs.clone();
+    config.kmsg_path = args.kmsg_path.clone();
+    config.ring_buffer_size = args.ring_buffer_size;
+    let mut sensor = Sensor::start(&config)?;
+    tracing::info!(
+        source = sensor.source.as_str(),
+        attached = %sensor.attached.join(","),
+        kmsg_reader = sensor.kmsg_reader,
+        "sensor ready"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            event = sensor.events.recv() => {
+                let Some(event) = event else {
+                    anyhow::bail!("the sensor stopped: {}", reader_error(&sensor));
+                };
+                handle(&args, &event, &mut out)?;
+                // Drain what is already queued before flushing, so a burst costs one write.
+                while let Ok(event) = sensor.events.try_recv() {
+                    handle(&args, &event, &mut out)?;
+                }
+                out.flush().context("writing to stdout")?;
+            }
+        }
+    }
+    if args.kernel_events {
+        writeln!(out, "{}", stats_line(&sensor)).context("writing to stdout")?;
+    }
+    out.flush().context("writing to stdout")?;
+    drop(sensor);
+    tracing::info!("stopped; eBPF programs detached");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn handle(args: &RunArgs, event: &KernelEvent, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    if args.kernel_events {
+        let mut line = serde_json::Map::new();
+        line.insert("kind".into(), "kernel".into());
+        if let serde_json::Value::Object(fields) = serde_json::to_value(event).context("encoding an event")? {
+            line.extend(fields);
+        }
+        writeln!(out, "{}", serde_json::Value::Object(line)).context("writing to stdout")?;
+    }
+    Ok(())
+}
+
+fn reader_error(sensor: &Sensor) -> String {
+    sensor
+        .stats
+        .reader_error
+        .lock()
+        .ok()
+        .and_then(|e| e.clone())
+        .unwrap_or_else(|| "reader ended".into())
+}
+
+/// The summary printed at exit with `--kernel-events`: what was received and what was lost.
+fn stats_line(sensor: &Sensor) -> serde_json::Value {
+    let stats = &sensor.stats;
+    let losses = sensor.losses();
+    let by_kind = |counts: &dyn Fn(usize) -> u64| {
+        EVENT_KINDS
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ((*k).to_string(), counts(i).into()))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    serde_json::json!({
+        "kind": "stats",
+        "source": sensor.source.as_str(),
+        "attached": sensor.attached,
+        "received": by_kind(&|i| stats.received[i].load(Ordering::Relaxed)),
+        "ring_full": by_kind(&|i| losses.ring_full[i]),
+        "read_errors": by_kind(&|i| losses.read_errors[i]),
+        "kmsg_lost": stats.kmsg_lost.load(Ordering::Relaxed),
+        "kmsg_overruns": stats.kmsg_overruns.load(Ordering::Relaxed),
+        "decode_errors": stats.decode_errors.load(Ordering::Relaxed),
+        "lost": sensor.lost_total(),
+    })
+}

@@ -1,0 +1,12 @@
+//! npd-agent: reads kernel events (eBPF tracepoints, or `/dev/kmsg` as a fallback), matches
+//! them against rules, keeps Node conditions, and exports problems (stdout JSON lines,
+//! Kubernetes, Prometheus, HTTP).
+//!
+//! Data flow (see DESIGN.md): `sensor` -> [`event::KernelEvent`] -> rules -> conditions ->
+//! [`problem::Report`] -> exporters. `event`, `problem` and the decoders do no I/O.
+
+pub mod cli;
+pub mod commands;
+pub mod event;
+pub mod problem;
+pub mod sensor;

@@ -1,0 +1,354 @@
+//! Decodes ring-buffer records (see `npd-common`) into [`KernelEvent`]s, using the running
+//! kernel's tracepoint formats. No I/O except through the [`DeviceNames`] it is given.
+
+use npd_common::{HEADER_LEN, RecordHeader, RecordKind};
+use thiserror::Error;
+
+use super::format::{Field, FieldError, TracepointFormat};
+use crate::event::{BlockError, BlockOp, DevNum, HungTask, KernelEvent, LogMessage, OomKill};
+
+/// A record that could not be decoded. Each is counted; none stops the sensor.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    /// Shorter than a header.
+    #[error("record of {have} bytes is shorter than its {need}-byte header")]
+    NotEnoughBytes {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes received.
+        have: usize,
+    },
+    /// The header's payload length does not match the record size.
+    #[error("record header says {said} payload bytes, the record has {have}")]
+    SizeMismatch {
+        /// Payload length in the header.
+        said: usize,
+        /// Payload bytes present.
+        have: usize,
+    },
+    /// A kind this agent does not know (eBPF object and agent out of step).
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    /// A record for a tracepoint whose format we did not load.
+    #[error("record kind {0:?} arrived but its tracepoint format is not loaded")]
+    NoFormat(RecordKind),
+    /// A field could not be read.
+    #[error(transparent)]
+    Field(#[from] FieldError),
+}
+
+/// Resolves a block device number to its kernel name.
+pub trait DeviceNames {
+    /// The name of `dev` (`loop0`), or `None` when it cannot be resolved.
+    fn name(&mut self, dev: DevNum) -> Option<String>;
+}
+
+/// Field layouts of the structured tracepoints on the running kernel.
+#[derive(Debug, Default)]
+pub struct Layouts {
+    hung_task: Option<HungLayout>,
+    oom: Option<OomLayout>,
+    block: Option<BlockLayout>,
+}
+
+#[derive(Debug)]
+struct HungLayout {
+    pid: Field,
+    comm: Field,
+}
+
+#[derive(Debug)]
+struct OomLayout {
+    pid: Field,
+    comm: Option<Field>,
+    uid: Option<Field>,
+    total_vm: Option<Field>,
+    anon_rss: Option<Field>,
+    file_rss: Option<Field>,
+    shmem_rss: Option<Field>,
+    pgtables: Option<Field>,
+    oom_score_adj: Option<Field>,
+}
+
+#[derive(Debug)]
+struct BlockLayout {
+    dev: Field,
+    sector: Field,
+    nr_sector: Field,
+    rwbs: Field,
+    error: Field,
+}
+
+impl Layouts {
+    /// Takes the layout of `sched:sched_process_hang`.
+    pub fn set_hung_task(&mut self, f: &TracepointFormat) -> Result<(), FieldError> {
+        self.hung_task = Some(HungLayout {
+            pid: f.require("pid")?.clone(),
+            comm: f.require("comm")?.clone(),
+        });
+        Ok(())
+    }
+
+    /// Takes the layout of `oom:mark_victim` (only `pid` is required; 2024 kernels added the rest).
+    pub fn set_oom(&mut self, f: &TracepointFormat) -> Result<(), FieldError> {
+        let opt = |name: &str| f.field(name).cloned();
+        self.oom = Some(OomLayout {
+            pid: f.require("pid")?.clone(),
+            comm: opt("comm"),
+            uid: opt("uid"),
+            total_vm: opt("total_vm"),
+            anon_rss: opt("anon_rss"),
+            file_rss: opt("file_rss"),
+            shmem_rss: opt("shmem_rss"),
+            pgtables: opt("pgtables"),
+            oom_score_adj: opt("oom_score_adj"),
+        });
+        Ok(())
+    }
+
+    /// Takes the layout of `block:block_rq_error` (or `block_rq_complete`: same fields).
+    pub fn set_block(&mut self, f: &TracepointFormat) -> Result<(), FieldError> {
+        self.block = Some(BlockLayout {
+            dev: f.require("dev")?.clone(),
+            sector: f.require("sector")?.clone(),
+            nr_sector: f.require("nr_sector")?.clone(),
+            rwbs: f.require("rwbs")?.clone(),
+            error: f.require("error")?.clone(),
+        });
+        Ok(())
+    }
+}
+
+/// Splits a record into header and payload, checking sizes.
+pub fn split_record(record: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError> {
+    if record.len() < HEADER_LEN {
+        return Err(DecodeError::NotEnoughBytes { need: HEADER_LEN, have: record.len() });
+    }
+    let u32_at = |i: usize| u32::from_ne_bytes([record[i], record[i + 1], record[i + 2], record[i + 3]]);
+    let mut ktime = [0u8; 8];
+    ktime.copy_from_slice(&record[8..16]);
+    let header = RecordHeader {
+        kind: u32_at(0),
+        cpu: u32_at(4),
+        ktime_ns: u64::from_ne_bytes(ktime),
+        data_len: u32_at(16),
+        orig_len: u32_at(20),
+    };
+    let payload = &record[HEADER_LEN..];
+    // The ring buffer rounds allocations up to 8 bytes, so the payload may be a little longer.
+    if (header.data_len as usize) > payload.len() {
+        return Err(DecodeError::SizeMismatch { said: header.data_len as usize, have: payload.len() });
+    }
+    Ok((header, &payload[..header.data_len as usize]))
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(
+    record: &[u8],
+    layouts: &Layouts,
+    devices: &mut dyn DeviceNames,
+) -> Result<KernelEvent, DecodeError> {
+    let (header, data) = split_record(record)?;
+    let kind = RecordKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
+    match kind {
+        RecordKind::Console => Ok(KernelEvent::Log(decode_console(&header, data))),
+        RecordKind::HungTask => {
+            let l = layouts.hung_task.as_ref().ok_or(DecodeError::NoFormat(kind))?;
+            Ok(KernelEvent::HungTask(HungTask {
+                pid: l.pid.read_i64(data)? as i32,
+                comm: l.comm.read_string(data)?,
+            }))
+        }
+        RecordKind::OomVictim => {
+            let l = layouts.oom.as_ref().ok_or(DecodeError::NoFormat(kind))?;
+            let u64_of = |f: &Option<Field>| f.as_ref().map(|f| f.read_u64(data)).transpose();
+            Ok(KernelEvent::OomKill(OomKill {
+                pid: l.pid.read_i64(data)? as i32,
+                comm: l.comm.as_ref().map(|f| f.read_string(data)).transpose()?,
+                uid: u64_of(&l.uid)?.map(|v| v as u32),
+                total_vm_kb: u64_of(&l.total_vm)?,
+                anon_rss_kb: u64_of(&l.anon_rss)?,
+                file_rss_kb: u64_of(&l.file_rss)?,
+                shmem_rss_kb: u64_of(&l.shmem_rss)?,
+                pgtables_kb: u64_of(&l.pgtables)?,
+                oom_score_adj: l.oom_score_adj.as_ref().map(|f| f.read_i64(data)).transpose()?.map(|v| v as i16),
+            }))
+        }
+        RecordKind::BlockError | RecordKind::BlockComplete => {
+            let l = layouts.block.as_ref().ok_or(DecodeError::NoFormat(kind))?;
+            let dev = DevNum::from_kernel_dev(l.dev.read_u64(data)? as u32);
+            let rwbs = l.rwbs.read_string(data)?;
+            Ok(KernelEvent::BlockError(BlockError {
+                device: devices.name(dev),
+                dev,
+                sector: l.sector.read_u64(data)?,
+                nr_sectors: l.nr_sector.read_u64(data)? as u32,
+                op: BlockOp::from_rwbs(&rwbs),
+                rwbs,
+                error: l.error.read_i64(data)? as i32,
+            }))
+        }
+    }
+}
+
+fn decode_console(header: &RecordHeader, text: &[u8]) -> LogMessage {
+    let mut text = text;
+    // Older kernels pass the trailing newline; it is not part of the message.
+    while let Some((b'\n', rest)) = text.split_last() {
+        text = rest;
+    }
+    LogMessage {
+        message: String::from_utf8_lossy(text).into_owned(),
+        truncated_from: (header.orig_len > header.data_len).then_some(header.orig_len as usize),
+        seq: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use npd_common::RAW_RECORD_MAX;
+
+    use super::*;
+    use crate::sensor::format::tests::{KERNELS, kernel_format};
+
+    struct NoDevices;
+    impl DeviceNames for NoDevices {
+        fn name(&mut self, dev: DevNum) -> Option<String> {
+            (dev == DevNum { major: 7, minor: 0 }).then(|| "loop0".to_string())
+        }
+    }
+
+    fn record(kind: RecordKind, data: &[u8], orig_len: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        for x in [kind as u32, 0] {
+            v.extend_from_slice(&x.to_ne_bytes());
+        }
+        v.extend_from_slice(&123u64.to_ne_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_ne_bytes());
+        v.extend_from_slice(&orig_len.to_ne_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// Builds a raw tracepoint record for `format` with the given field values, the way the
+    /// kernel lays it out (strings either inline or after the fixed part via __data_loc).
+    fn raw(format: &TracepointFormat, ints: &[(&str, i64)], strs: &[(&str, &str)]) -> Vec<u8> {
+        let mut rec = vec![0u8; RAW_RECORD_MAX];
+        let mut dyn_at = format.fields.iter().map(|f| f.offset + f.size).max().unwrap();
+        for (name, v) in ints {
+            let f = format.field(name).unwrap();
+            rec[f.offset..f.offset + f.size].copy_from_slice(&v.to_ne_bytes()[..f.size]);
+        }
+        for (name, s) in strs {
+            let f = format.field(name).unwrap();
+            match f.kind {
+                super::super::format::FieldKind::DataLoc => {
+                    let loc = ((s.len() as u32 + 1) << 16) | dyn_at as u32;
+                    rec[f.offset..f.offset + 4].copy_from_slice(&loc.to_ne_bytes());
+                    rec[dyn_at..dyn_at + s.len()].copy_from_slice(s.as_bytes());
+                    dyn_at += s.len() + 1;
+                }
+                _ => rec[f.offset..f.offset + s.len()].copy_from_slice(s.as_bytes()),
+            }
+        }
+        rec
+    }
+
+    #[test]
+    fn console_text_and_truncation() {
+        let layouts = Layouts::default();
+        let ev = decode(&record(RecordKind::Console, b"hello\n", 6), &layouts, &mut NoDevices).unwrap();
+        assert_eq!(ev, KernelEvent::Log(LogMessage::new("hello")));
+        let ev = decode(&record(RecordKind::Console, b"abc", 5000), &layouts, &mut NoDevices).unwrap();
+        assert_eq!(ev, KernelEvent::Log(LogMessage { message: "abc".into(), truncated_from: Some(5000), seq: None }));
+    }
+
+    #[test]
+    fn hung_task_on_every_kernel() {
+        for kernel in KERNELS {
+            let f = kernel_format(kernel, "sched_sched_process_hang.format");
+            let mut layouts = Layouts::default();
+            layouts.set_hung_task(&f).unwrap();
+            let data = raw(&f, &[("pid", 4242)], &[("comm", "writer")]);
+            let ev = decode(&record(RecordKind::HungTask, &data, 0), &layouts, &mut NoDevices).unwrap();
+            assert_eq!(ev, KernelEvent::HungTask(HungTask { pid: 4242, comm: "writer".into() }), "{kernel}");
+        }
+    }
+
+    #[test]
+    fn oom_fields_follow_the_kernel() {
+        let old = kernel_format("5.10.0-32-cloud-amd64", "oom_mark_victim.format");
+        let mut layouts = Layouts::default();
+        layouts.set_oom(&old).unwrap();
+        let ev = decode(&record(RecordKind::OomVictim, &raw(&old, &[("pid", 7)], &[]), 0), &layouts, &mut NoDevices).unwrap();
+        assert_eq!(ev, KernelEvent::OomKill(OomKill { pid: 7, ..Default::default() }));
+
+        let new = kernel_format("6.18.44", "oom_mark_victim.format");
+        layouts.set_oom(&new).unwrap();
+        let data = raw(
+            &new,
+            &[("pid", 99), ("uid", 1000), ("total_vm", 300), ("anon_rss", 200), ("file_rss", 10),
+              ("shmem_rss", 1), ("pgtables", 4), ("oom_score_adj", -17)],
+            &[("comm", "stress")],
+        );
+        let ev = decode(&record(RecordKind::OomVictim, &data, 0), &layouts, &mut NoDevices).unwrap();
+        assert_eq!(
+            ev,
+            KernelEvent::OomKill(OomKill {
+                pid: 99,
+                comm: Some("stress".into()),
+                uid: Some(1000),
+                total_vm_kb: Some(300),
+                anon_rss_kb: Some(200),
+                file_rss_kb: Some(10),
+                shmem_rss_kb: Some(1),
+                pgtables_kb: Some(4),
+                oom_score_adj: Some(-17),
+            })
+        );
+    }
+
+    #[test]
+    fn block_error_on_every_kernel() {
+        for kernel in KERNELS {
+            let f = kernel_format(kernel, "block_block_rq_complete.format");
+            let mut layouts = Layouts::default();
+            layouts.set_block(&f).unwrap();
+            let data = raw(
+                &f,
+                &[("dev", 7 << 20), ("sector", 24576), ("nr_sector", 8), ("error", -5)],
+                &[("rwbs", "R")],
+            );
+            let ev = decode(&record(RecordKind::BlockComplete, &data, 0), &layouts, &mut NoDevices).unwrap();
+            assert_eq!(
+                ev,
+                KernelEvent::BlockError(BlockError {
+                    device: Some("loop0".into()),
+                    dev: DevNum { major: 7, minor: 0 },
+                    sector: 24576,
+                    nr_sectors: 8,
+                    op: BlockOp::Read,
+                    rwbs: "R".into(),
+                    error: -5,
+                }),
+                "{kernel}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_records_are_typed_errors() {
+        let layouts = Layouts::default();
+        assert!(matches!(decode(&[0; 3], &layouts, &mut NoDevices), Err(DecodeError::NotEnoughBytes { .. })));
+        let mut bad = record(RecordKind::Console, b"hi", 2);
+        bad[16] = 200;
+        assert!(matches!(decode(&bad, &layouts, &mut NoDevices), Err(DecodeError::SizeMismatch { .. })));
+        let mut unknown = record(RecordKind::Console, b"", 0);
+        unknown[0] = 77;
+        assert_eq!(decode(&unknown, &layouts, &mut NoDevices), Err(DecodeError::UnknownKind(77)));
+        assert_eq!(
+            decode(&record(RecordKind::HungTask, &[0; 64], 0), &layouts, &mut NoDevices),
+            Err(DecodeError::NoFormat(RecordKind::HungTask))
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! Harness for npd integration tests.
