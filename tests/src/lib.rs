@@ -1,1 +1,3 @@
 //! Harness for npd integration tests.
+
+pub mod apiserver;
