@@ -584,3 +584,44 @@ async fn problems_before_the_api_server_answers_are_kept() {
     assert_eq!(event.involved_object.uid, created.metadata.uid);
     exporter.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_refresh_every_owned_condition() {
+    let Some(server) = ApiServer::shared("heartbeats_refresh_every_owned_condition") else {
+        return;
+    };
+    let name = "npd-heartbeat";
+    let created = server.create_node(name).await;
+    let kubeconfig = server.service_account_kubeconfig().await;
+    let mut config = K8sConfig::from_kubeconfig(&kubeconfig, name).await.unwrap();
+    config.heartbeat_period = Duration::from_secs(1);
+    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    let nodes: Api<Node> = Api::all(server.admin_client().await);
+    let first = wait_condition(
+        &nodes,
+        name,
+        "KernelDeadlock",
+        "False",
+        "KernelHasNoDeadlock",
+    )
+    .await;
+    for type_ in ["KernelDeadlock", "ReadonlyFilesystem"] {
+        let later = wait_for(&format!("a newer heartbeat of {type_}"), || async {
+            node_condition(&nodes, name, type_)
+                .await
+                .filter(|c| c.last_heartbeat_time > first.last_heartbeat_time)
+        })
+        .await;
+        assert_eq!(later.status, "False");
+        if type_ == "KernelDeadlock" {
+            assert_eq!(later.last_transition_time, first.last_transition_time);
+        }
+    }
+    exporter.shutdown().await;
+    let after = nodes.get(name).await.unwrap();
+    assert_eq!(
+        ready_json(&after),
+        ready_json(&created),
+        "kubelet's Ready condition was touched"
+    );
+}

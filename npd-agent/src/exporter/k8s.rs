@@ -265,7 +265,7 @@ impl K8sHandle {
     /// Hands a report over. Never waits on the API server: it only records the newest desired
     /// state of the condition and queues the Event, then wakes the exporter task.
     pub fn export(&self, report: &Report) {
-        let (event, at) = match report {
+        let (condition, event, at) = match report {
             Report::Condition(change) => {
                 let c = &change.condition;
                 let event = EventKey {
@@ -274,11 +274,7 @@ impl K8sHandle {
                     reason: c.reason.clone(),
                     message: condition_change_message(c),
                 };
-                self.shared
-                    .lock()
-                    .conditions
-                    .insert(c.type_.clone(), c.clone());
-                (event, c.transition_time)
+                (Some(c), event, c.transition_time)
             }
             Report::Event(e) => {
                 let event = EventKey {
@@ -287,15 +283,24 @@ impl K8sHandle {
                     reason: e.reason.clone(),
                     message: e.message.clone(),
                 };
-                (event, e.timestamp)
+                (None, event, e.timestamp)
             }
         };
-        let pushed = self.shared.lock().events.push(event, at);
+        let pushed = {
+            let mut pending = self.shared.lock();
+            if let Some(c) = condition {
+                pending.conditions.insert(c.type_.clone(), c.clone());
+            }
+            pending.events.push(event, at)
+        };
         let c = &self.shared.counters;
         Counters::add(&c.events_received, 1);
         if pushed == Pushed::Dropped {
-            Counters::add(&c.events_dropped_queue_full, 1);
-            tracing::warn!("Kubernetes Event queue full: Event dropped");
+            let dropped = Counters::add(&c.events_dropped_queue_full, 1);
+            // Logged at 1, 2, 4, 8... drops: a long outage does not flood the log.
+            if dropped.is_power_of_two() {
+                tracing::warn!(dropped, "Kubernetes Event queue full: Events dropped");
+            }
         }
         self.shared.wake.notify_one();
     }
@@ -449,6 +454,11 @@ impl Worker {
             } else {
                 self.book.dirty()
             };
+            if writes.is_empty() && full_write {
+                // No condition owned yet: nothing to refresh until the next period.
+                full_write = false;
+                next_heartbeat = Instant::now() + self.config.heartbeat_period;
+            }
             if !writes.is_empty() {
                 if self.past_deadline() {
                     break;

@@ -128,8 +128,9 @@ impl Counters {
         self.api_available.store(ok, Ordering::Relaxed);
     }
 
-    pub(super) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    /// Adds `n`; returns the new value.
+    pub(super) fn add(counter: &AtomicU64, n: u64) -> u64 {
+        counter.fetch_add(n, Ordering::Relaxed) + n
     }
 
     pub(super) fn set(flag: &AtomicBool, value: bool) {
