@@ -625,3 +625,46 @@ async fn heartbeats_refresh_every_owned_condition() {
         "kubelet's Ready condition was touched"
     );
 }
+
+#[test]
+fn configmap_carries_the_default_rule_files() {
+    let test = "configmap_carries_the_default_rule_files";
+    let config = repo_root().join("config");
+    let files = ["kernel-monitor.json", "readonly-monitor.json"];
+    if !files.iter().all(|f| config.join(f).is_file()) {
+        eprintln!(
+            "SKIPPED {test}: config/{{{}}} not in this checkout",
+            files.join(",")
+        );
+        return;
+    }
+    let Some(server) = ApiServer::shared(test) else {
+        return;
+    };
+    let manifest = repo_root().join("deploy/kubernetes/configmap.yaml");
+    let out = server.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-o",
+        "json",
+        "-f",
+        manifest.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let configmap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for f in files {
+        let shipped: serde_json::Value = serde_json::from_str(
+            configmap["data"][f]
+                .as_str()
+                .expect("the file in the ConfigMap"),
+        )
+        .expect("the ConfigMap's copy is JSON");
+        let source: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(config.join(f)).unwrap()).unwrap();
+        assert_eq!(shipped, source, "{f} differs: run deploy/gen-configmap.sh");
+    }
+}
