@@ -8,5 +8,6 @@
 pub mod cli;
 pub mod commands;
 pub mod event;
+pub mod exporter;
 pub mod problem;
 pub mod sensor;

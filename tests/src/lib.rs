@@ -1,5 +1,5 @@
-//! Harness for npd's integration tests: starting the real agent, making real kernel faults
-//! happen, and putting every piece of kernel state back afterwards (drop guards, so also when a
+//! Harness for npd's integration tests: starting the real agent and a real kube-apiserver
+//! (`apiserver`), making real kernel faults happen, and putting every piece of kernel state back afterwards (drop guards, so also when a
 //! test fails).
 //!
 //! Tests that change kernel state must hold [`serial`] for their whole run: they share the
@@ -7,6 +7,7 @@
 //! test runner was not told `--test-threads=1`.
 
 pub mod agent;
+pub mod apiserver;
 pub mod kernel;
 
 use std::sync::{Mutex, MutexGuard};

@@ -12,6 +12,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cli::RunArgs,
     event::KernelEvent,
+    exporter::k8s::{K8sConfig, K8sExporter, K8sHandle},
+    problem::ConditionChange,
     sensor::{EVENT_KINDS, Sensor, SensorConfig},
 };
 
@@ -37,6 +39,8 @@ fn init_tracing() {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // The rules engine provides the initial conditions (every owned one in its default state).
+    let exporter = kubernetes_exporter(&args, Vec::new()).await?;
     let mut config = SensorConfig::new(args.source);
     config.tracefs = args.tracefs.clone();
     config.kmsg_path = args.kmsg_path.clone();
@@ -74,9 +78,34 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", stats_line(&sensor)).context("writing to stdout")?;
     }
     out.flush().context("writing to stdout")?;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
     drop(sensor);
     tracing::info!("stopped; eBPF programs detached");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The Kubernetes exporter when a cluster is configured (see [`K8sConfig::from_run_args`]);
+/// `None` means standalone: problems go to stdout as JSON lines. Says which, once.
+async fn kubernetes_exporter(
+    args: &RunArgs,
+    initial: Vec<ConditionChange>,
+) -> anyhow::Result<Option<K8sHandle>> {
+    let config = K8sConfig::from_run_args(args)
+        .await
+        .context("configuring the Kubernetes exporter")?;
+    let Some(config) = config else {
+        tracing::info!(
+            "no cluster configured (in-cluster service account, --kubeconfig or KUBECONFIG): \
+             running standalone, problems are printed as JSON lines on stdout"
+        );
+        return Ok(None);
+    };
+    tracing::info!(node = %config.node_name, "exporting to Kubernetes");
+    Ok(Some(
+        K8sExporter::start(config, initial).context("starting the Kubernetes exporter")?,
+    ))
 }
 
 fn handle(args: &RunArgs, event: &KernelEvent, out: &mut impl std::io::Write) -> anyhow::Result<()> {
