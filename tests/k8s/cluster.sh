@@ -15,9 +15,10 @@
 # What `up` leaves in DIR:
 #   env                 shell-sourceable: APISERVER_URL APISERVER_PORT ETCD_PORT APISERVER_PID
 #                       ETCD_PID (and ETCD_PEER_PORT CLUSTER_DIR KUBECONFIG_FILE CA_FILE
-#                       ADMIN_TOKEN_FILE). Source it by path (`. "$DIR/env"`): a bare
-#                       `source env` runs bash's PATH lookup and finds /usr/bin/env. A PID
-#                       is empty while that process is stopped.
+#                       ADMIN_TOKEN_FILE, and KUBECACHEDIR which, exported, keeps kubectl's
+#                       discovery cache in DIR rather than ~/.kube). Source it by path
+#                       (`. "$DIR/env"`): a bare `source env` runs bash's PATH lookup and
+#                       finds /usr/bin/env. A PID is empty while that process is stopped.
 #   kubeconfig          admin (group system:masters) via bearer token, CA embedded,
 #                       server https://127.0.0.1:PORT
 #   ca.crt admin-token  the CA that signed the serving certificate (SAN 127.0.0.1, localhost)
@@ -172,6 +173,7 @@ write_env() {
         printf 'KUBECONFIG_FILE=%q\n' "$KUBECONFIG_FILE"
         printf 'CA_FILE=%q\n' "$CA_FILE"
         printf 'ADMIN_TOKEN_FILE=%q\n' "$TOKEN_FILE"
+        printf 'KUBECACHEDIR=%q\n' "$DIR/kubectl-cache"
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }
