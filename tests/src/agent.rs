@@ -14,7 +14,8 @@ use serde_json::Value;
 /// directory (`cargo xtask test` builds it first and sets the variable).
 pub fn agent_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("NPD_AGENT_BIN") {
-        return PathBuf::from(path);
+        // Relative to the workspace root (tests and benches run in this crate's directory).
+        return PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
