@@ -7,6 +7,11 @@
 
 pub mod cli;
 pub mod commands;
+pub mod conditions;
+pub mod engine;
+#[cfg(test)]
+mod engine_tests;
 pub mod event;
 pub mod problem;
+pub mod rules;
 pub mod sensor;
