@@ -1,9 +1,7 @@
 //! `npd-agent run`: the daemon.
 
 use std::{
-    io::Write as _,
-    process::ExitCode,
-    sync::atomic::Ordering,
+    io::Write as _, path::PathBuf, process::ExitCode, sync::atomic::Ordering, time::SystemTime,
 };
 
 use anyhow::Context as _;
@@ -11,19 +9,29 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::RunArgs,
+    engine::Engine,
     event::KernelEvent,
+    rules::{ConfigError, RuleSet},
     sensor::{EVENT_KINDS, Sensor, SensorConfig},
 };
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
+    // Bad rules fail fast, before anything touches the kernel.
+    let problems = match Problems::load(&args.config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("npd-agent: invalid rules:\n{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, problems))
 }
 
 fn init_tracing() {
@@ -36,7 +44,7 @@ fn init_tracing() {
         .try_init();
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+async fn run(args: RunArgs, mut problems: Problems) -> anyhow::Result<ExitCode> {
     let mut config = SensorConfig::new(args.source);
     config.tracefs = args.tracefs.clone();
     config.kmsg_path = args.kmsg_path.clone();
@@ -62,10 +70,16 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     anyhow::bail!("the sensor stopped: {}", reader_error(&sensor));
                 };
                 handle(&args, &event, &mut out)?;
+                problems.on_event(&event, &mut out)?;
                 // Drain what is already queued before flushing, so a burst costs one write.
                 while let Ok(event) = sensor.events.try_recv() {
                     handle(&args, &event, &mut out)?;
+                    problems.on_event(&event, &mut out)?;
                 }
+                out.flush().context("writing to stdout")?;
+            }
+            () = Problems::sleep_until(problems.next_deadline()) => {
+                problems.on_deadline(&mut out)?;
                 out.flush().context("writing to stdout")?;
             }
         }
@@ -79,16 +93,84 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn handle(args: &RunArgs, event: &KernelEvent, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+fn handle(
+    args: &RunArgs,
+    event: &KernelEvent,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
     if args.kernel_events {
         let mut line = serde_json::Map::new();
         line.insert("kind".into(), "kernel".into());
-        if let serde_json::Value::Object(fields) = serde_json::to_value(event).context("encoding an event")? {
+        if let serde_json::Value::Object(fields) =
+            serde_json::to_value(event).context("encoding an event")?
+        {
             line.extend(fields);
         }
         writeln!(out, "{}", serde_json::Value::Object(line)).context("writing to stdout")?;
     }
     Ok(())
+}
+
+/// The rules and conditions stage (issue 3): kernel events in, reports out as JSON lines on
+/// stdout (standalone mode, DESIGN.md schema). The exporters will consume the same reports.
+struct Problems {
+    engine: Engine,
+}
+
+impl Problems {
+    /// Loads `--config` files, or the embedded defaults when none is given.
+    fn load(config: &[PathBuf]) -> Result<Self, ConfigError> {
+        let rules = RuleSet::load_or_defaults(config)?;
+        tracing::info!(
+            files = rules.files.len(),
+            rules = rules.rule_count(),
+            defaults = config.is_empty(),
+            "rules loaded"
+        );
+        let mut engine = Engine::new(rules);
+        engine.initial_conditions(SystemTime::now());
+        Ok(Self { engine })
+    }
+
+    fn on_event(
+        &mut self,
+        event: &KernelEvent,
+        out: &mut impl std::io::Write,
+    ) -> anyhow::Result<()> {
+        let reports = self.engine.handle(event, SystemTime::now());
+        Self::print(&reports, out)
+    }
+
+    fn on_deadline(&mut self, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+        let reports = self.engine.on_deadline(SystemTime::now());
+        Self::print(&reports, out)
+    }
+
+    fn next_deadline(&self) -> Option<SystemTime> {
+        self.engine.next_deadline()
+    }
+
+    /// Sleeps until the deadline, or forever when there is none (no periodic tick).
+    async fn sleep_until(deadline: Option<SystemTime>) {
+        match deadline {
+            Some(at) => {
+                let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(wait).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn print(
+        reports: &[crate::problem::Report],
+        out: &mut impl std::io::Write,
+    ) -> anyhow::Result<()> {
+        for report in reports {
+            serde_json::to_writer(&mut *out, report).context("encoding a report")?;
+            writeln!(out).context("writing to stdout")?;
+        }
+        Ok(())
+    }
 }
 
 fn reader_error(sensor: &Sensor) -> String {
