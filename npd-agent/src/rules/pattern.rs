@@ -66,7 +66,7 @@ impl LogPattern {
             .utf8(false)
             .build()
             .parse(pattern)
-            .map_err(|e| PatternError::Invalid(one_line(&e.to_string())))?;
+            .map_err(|e| PatternError::Invalid(syntax_error(&e)))?;
         let ascii = format!("(?-u:(?:{pattern}))\\z");
         let (anchored, regex) = match build(&ascii) {
             Ok(re) => (ascii, re),
@@ -109,6 +109,17 @@ pub fn build_set<'a>(
         .dfa_size_limit(DFA_SIZE_LIMIT * 4)
         .build()
         .map_err(|e| PatternError::Invalid(one_line(&e.to_string())))
+}
+
+/// `unclosed group at byte 0` rather than the parser's multi-line diagram.
+fn syntax_error(e: &regex_syntax::Error) -> String {
+    match e {
+        regex_syntax::Error::Parse(e) => format!("{} at byte {}", e.kind(), e.span().start.offset),
+        regex_syntax::Error::Translate(e) => {
+            format!("{} at byte {}", e.kind(), e.span().start.offset)
+        }
+        other => one_line(&other.to_string()),
+    }
 }
 
 fn one_line(s: &str) -> String {
