@@ -7,7 +7,12 @@
 
 pub mod cli;
 pub mod commands;
+pub mod conditions;
+pub mod engine;
+#[cfg(test)]
+mod engine_tests;
 pub mod event;
 pub mod exporter;
 pub mod problem;
+pub mod rules;
 pub mod sensor;

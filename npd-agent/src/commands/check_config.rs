@@ -1,10 +1,28 @@
-//! `npd-agent check-config FILE...`.
+//! `npd-agent check-config FILE...`: validates rule files together (as `--config` would load
+//! them). Exit 0 when valid; otherwise exit 2 and one line per problem on stderr:
+//! `FILE: JSON_PATH: REASON`.
 
 use std::process::ExitCode;
 
-use crate::cli::CheckConfigArgs;
+use crate::{cli::CheckConfigArgs, rules::RuleSet};
 
 /// Validates the rule files.
-pub fn main(_args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("check-config is not implemented yet (rules issue)")
+pub fn main(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    match RuleSet::load(&args.files) {
+        Ok(set) => {
+            println!(
+                "{} file(s) valid: {} rule(s), {} condition(s)",
+                set.files.len(),
+                set.rule_count(),
+                set.files.iter().map(|f| f.conditions.len()).sum::<usize>()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            for problem in &e.problems {
+                eprintln!("{problem}");
+            }
+            Ok(ExitCode::from(2))
+        }
+    }
 }

@@ -1,9 +1,7 @@
 //! `npd-agent run`: the daemon.
 
 use std::{
-    io::Write as _,
-    process::ExitCode,
-    sync::atomic::Ordering,
+    io::Write as _, path::PathBuf, process::ExitCode, sync::atomic::Ordering, time::SystemTime,
 };
 
 use anyhow::Context as _;
@@ -11,21 +9,31 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::RunArgs,
+    engine::Engine,
     event::KernelEvent,
     exporter::k8s::{K8sConfig, K8sExporter, K8sHandle},
-    problem::ConditionChange,
+    problem::{ConditionChange, Report},
+    rules::{ConfigError, RuleSet},
     sensor::{EVENT_KINDS, Sensor, SensorConfig},
 };
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     init_tracing();
+    // Bad rules fail fast, before anything touches the kernel.
+    let problems = match Problems::load(&args.config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("npd-agent: invalid rules:\n{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, problems))
 }
 
 fn init_tracing() {
@@ -38,9 +46,9 @@ fn init_tracing() {
         .try_init();
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    // The rules engine provides the initial conditions (every owned one in its default state).
-    let exporter = kubernetes_exporter(&args, Vec::new()).await?;
+async fn run(args: RunArgs, mut problems: Problems) -> anyhow::Result<ExitCode> {
+    // Started before the sensor: problems found while the API server is unreachable are kept.
+    problems.exporter = kubernetes_exporter(&args, problems.initial.clone()).await?;
     let mut config = SensorConfig::new(args.source);
     config.tracefs = args.tracefs.clone();
     config.kmsg_path = args.kmsg_path.clone();
@@ -66,10 +74,16 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     anyhow::bail!("the sensor stopped: {}", reader_error(&sensor));
                 };
                 handle(&args, &event, &mut out)?;
+                problems.on_event(&event, &mut out)?;
                 // Drain what is already queued before flushing, so a burst costs one write.
                 while let Ok(event) = sensor.events.try_recv() {
                     handle(&args, &event, &mut out)?;
+                    problems.on_event(&event, &mut out)?;
                 }
+                out.flush().context("writing to stdout")?;
+            }
+            () = Problems::sleep_until(problems.next_deadline()) => {
+                problems.on_deadline(&mut out)?;
                 out.flush().context("writing to stdout")?;
             }
         }
@@ -78,7 +92,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", stats_line(&sensor)).context("writing to stdout")?;
     }
     out.flush().context("writing to stdout")?;
-    if let Some(exporter) = exporter {
+    if let Some(exporter) = problems.exporter.take() {
         exporter.shutdown().await;
     }
     drop(sensor);
@@ -108,16 +122,93 @@ async fn kubernetes_exporter(
     ))
 }
 
-fn handle(args: &RunArgs, event: &KernelEvent, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+fn handle(
+    args: &RunArgs,
+    event: &KernelEvent,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
     if args.kernel_events {
         let mut line = serde_json::Map::new();
         line.insert("kind".into(), "kernel".into());
-        if let serde_json::Value::Object(fields) = serde_json::to_value(event).context("encoding an event")? {
+        if let serde_json::Value::Object(fields) =
+            serde_json::to_value(event).context("encoding an event")?
+        {
             line.extend(fields);
         }
         writeln!(out, "{}", serde_json::Value::Object(line)).context("writing to stdout")?;
     }
     Ok(())
+}
+
+/// The rules and conditions stage: kernel events in, reports out, to the Kubernetes exporter
+/// when a cluster is configured, else as JSON lines on stdout (standalone, DESIGN.md schema).
+struct Problems {
+    engine: Engine,
+    /// Every condition in its default state, for the exporter to initialise the Node with.
+    initial: Vec<ConditionChange>,
+    exporter: Option<K8sHandle>,
+}
+
+impl Problems {
+    /// Loads `--config` files, or the embedded defaults when none is given.
+    fn load(config: &[PathBuf]) -> Result<Self, ConfigError> {
+        let rules = RuleSet::load_or_defaults(config)?;
+        tracing::info!(
+            files = rules.files.len(),
+            rules = rules.rule_count(),
+            defaults = config.is_empty(),
+            "rules loaded"
+        );
+        let mut engine = Engine::new(rules);
+        let initial = engine.initial_conditions(SystemTime::now());
+        Ok(Self { engine, initial, exporter: None })
+    }
+
+    fn on_event(
+        &mut self,
+        event: &KernelEvent,
+        out: &mut impl std::io::Write,
+    ) -> anyhow::Result<()> {
+        let reports = self.engine.handle(event, SystemTime::now());
+        self.export(&reports, out)
+    }
+
+    fn on_deadline(&mut self, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+        let reports = self.engine.on_deadline(SystemTime::now());
+        self.export(&reports, out)
+    }
+
+    fn next_deadline(&self) -> Option<SystemTime> {
+        self.engine.next_deadline()
+    }
+
+    /// Sleeps until the deadline, or forever when there is none (no periodic tick).
+    async fn sleep_until(deadline: Option<SystemTime>) {
+        match deadline {
+            Some(at) => {
+                let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(wait).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Hands reports to the Kubernetes exporter (which never blocks), or prints them.
+    fn export(&self, reports: &[Report], out: &mut impl std::io::Write) -> anyhow::Result<()> {
+        for report in reports {
+            match &self.exporter {
+                Some(exporter) => {
+                    tracing::info!(report = %serde_json::to_string(report).unwrap_or_default(), "problem");
+                    exporter.export(report);
+                }
+                None => {
+                    serde_json::to_writer(&mut *out, report).context("encoding a report")?;
+                    writeln!(out).context("writing to stdout")?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn reader_error(sensor: &Sensor) -> String {

@@ -1,0 +1,225 @@
+//! Node conditions: one small state machine per condition type. Every condition starts False
+//! with its declared reason and message; a permanent rule sets it True (NPD's semantics: a
+//! change is reported only when the status or the reason changes); opt-in recovery returns it
+//! to its default False state after a quiet period, reported as a Normal change. No I/O; the
+//! time is always a parameter.
+
+use std::{collections::HashMap, time::SystemTime};
+
+use crate::problem::{Condition, ConditionChange, ConditionStatus};
+
+/// The state of every condition npd owns.
+#[derive(Clone, Debug, Default)]
+pub struct ConditionManager {
+    conditions: Vec<State>,
+    by_type: HashMap<String, usize>,
+}
+
+#[derive(Clone, Debug)]
+struct State {
+    source: String,
+    default_reason: String,
+    default_message: String,
+    current: Condition,
+    /// When it returns to False, if it recovers.
+    recover_at: Option<SystemTime>,
+}
+
+impl ConditionManager {
+    /// Declares a condition (False, default reason and message). Redeclaring a type is ignored.
+    pub fn declare(
+        &mut self,
+        source: &str,
+        type_: &str,
+        reason: &str,
+        message: &str,
+        now: SystemTime,
+    ) {
+        if self.by_type.contains_key(type_) {
+            return;
+        }
+        self.by_type.insert(type_.to_owned(), self.conditions.len());
+        self.conditions.push(State {
+            source: source.to_owned(),
+            default_reason: reason.to_owned(),
+            default_message: message.to_owned(),
+            current: Condition {
+                type_: type_.to_owned(),
+                status: ConditionStatus::False,
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                transition_time: now,
+            },
+            recover_at: None,
+        });
+    }
+
+    /// Every condition's current state.
+    pub fn all(&self) -> Vec<ConditionChange> {
+        self.conditions.iter().map(State::change).collect()
+    }
+
+    /// Sets every condition's default False state's transition time (before anything happened).
+    pub fn set_initial_time(&mut self, now: SystemTime) {
+        for s in &mut self.conditions {
+            if s.current.status == ConditionStatus::False && s.current.reason == s.default_reason {
+                s.current.transition_time = now;
+            }
+        }
+    }
+
+    /// A permanent rule fired: the condition becomes True with this reason. Returns the change
+    /// when the status or the reason changed (NPD's rule), `None` otherwise. `recover_after`:
+    /// when the condition returns to False if nothing sets it again; `None` makes it stay True.
+    pub fn set_true(
+        &mut self,
+        type_: &str,
+        reason: &str,
+        message: &str,
+        now: SystemTime,
+        recover_after: Option<std::time::Duration>,
+    ) -> Option<ConditionChange> {
+        let s = &mut self.conditions[*self.by_type.get(type_)?];
+        s.recover_at = recover_after.map(|d| now + d);
+        if s.current.status == ConditionStatus::True && s.current.reason == reason {
+            return None;
+        }
+        s.current = Condition {
+            type_: type_.to_owned(),
+            status: ConditionStatus::True,
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            transition_time: now,
+        };
+        Some(s.change())
+    }
+
+    /// The earliest pending recovery.
+    pub fn next_deadline(&self) -> Option<SystemTime> {
+        self.conditions.iter().filter_map(|s| s.recover_at).min()
+    }
+
+    /// Recovers every condition whose quiet period ended at or before `now`, in deadline order.
+    /// Each change carries its deadline as transition time.
+    pub fn expire(&mut self, now: SystemTime) -> Vec<ConditionChange> {
+        let mut due: Vec<(SystemTime, usize)> = self
+            .conditions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.recover_at.filter(|&t| t <= now).map(|t| (t, i)))
+            .collect();
+        due.sort();
+        due.into_iter()
+            .map(|(at, i)| {
+                let s = &mut self.conditions[i];
+                s.recover_at = None;
+                s.current = Condition {
+                    type_: s.current.type_.clone(),
+                    status: ConditionStatus::False,
+                    reason: s.default_reason.clone(),
+                    message: s.default_message.clone(),
+                    transition_time: at,
+                };
+                s.change()
+            })
+            .collect()
+    }
+
+    /// The current state of one condition.
+    pub fn get(&self, type_: &str) -> Option<&Condition> {
+        self.by_type
+            .get(type_)
+            .map(|&i| &self.conditions[i].current)
+    }
+}
+
+impl State {
+    fn change(&self) -> ConditionChange {
+        ConditionChange {
+            source: self.source.clone(),
+            condition: self.current.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn manager() -> ConditionManager {
+        let mut m = ConditionManager::default();
+        m.declare(
+            "kernel-monitor",
+            "KernelDeadlock",
+            "KernelHasNoDeadlock",
+            "kernel has no deadlock",
+            t(0),
+        );
+        m
+    }
+
+    #[test]
+    fn npd_semantics_without_recovery() {
+        let mut m = manager();
+        let c = m
+            .set_true("KernelDeadlock", "DockerHung", "task docker:1", t(10), None)
+            .unwrap();
+        assert_eq!(c.condition.status, ConditionStatus::True);
+        assert_eq!(c.condition.transition_time, t(10));
+        assert_eq!(c.source, "kernel-monitor");
+        // Same reason again: no change, message kept.
+        assert!(
+            m.set_true("KernelDeadlock", "DockerHung", "task docker:2", t(20), None)
+                .is_none()
+        );
+        assert_eq!(m.get("KernelDeadlock").unwrap().message, "task docker:1");
+        // Another reason: a change.
+        let c = m
+            .set_true("KernelDeadlock", "Other", "x", t(30), None)
+            .unwrap();
+        assert_eq!(c.condition.reason, "Other");
+        assert_eq!(m.next_deadline(), None);
+        assert!(m.expire(t(1_000_000)).is_empty());
+        assert!(m.set_true("Undeclared", "r", "m", t(1), None).is_none());
+    }
+
+    #[test]
+    fn recovery_after_a_quiet_period() {
+        let mut m = manager();
+        let quiet = Some(Duration::from_secs(60));
+        m.set_true("KernelDeadlock", "DockerHung", "m", t(10), quiet)
+            .unwrap();
+        assert_eq!(m.next_deadline(), Some(t(70)));
+        // A repeat extends the quiet period.
+        assert!(
+            m.set_true("KernelDeadlock", "DockerHung", "m", t(50), quiet)
+                .is_none()
+        );
+        assert_eq!(m.next_deadline(), Some(t(110)));
+        assert!(m.expire(t(109)).is_empty());
+        let back = m.expire(t(200));
+        assert_eq!(back.len(), 1);
+        let c = &back[0].condition;
+        assert_eq!(
+            (c.status, c.reason.as_str(), c.message.as_str()),
+            (
+                ConditionStatus::False,
+                "KernelHasNoDeadlock",
+                "kernel has no deadlock"
+            )
+        );
+        assert_eq!(c.transition_time, t(110));
+        assert_eq!(m.next_deadline(), None);
+        // A rule without recovery makes it stay True.
+        m.set_true("KernelDeadlock", "DockerHung", "m", t(300), quiet)
+            .unwrap();
+        m.set_true("KernelDeadlock", "DockerHung", "m", t(301), None);
+        assert_eq!(m.next_deadline(), None);
+    }
+}

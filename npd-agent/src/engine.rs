@@ -1,0 +1,506 @@
+//! The engine: kernel events in, reports out, in order. It runs every rule of a [`RuleSet`]
+//! with NPD's semantics, keeps the conditions ([`ConditionManager`]), counts rate rules, and
+//! makes one kernel fault one problem: the structured event and the kernel's printed line for
+//! the same fault, and the hung-task detector's repeated sightings of a task, are reported once
+//! (per reason) and the rest counted. No I/O; the time is a parameter, so timers are tested
+//! deterministically.
+//!
+//! Speed: every log pattern that can only match inside the newest line (all of NPD's kernel
+//! rules) is in one [`RegexSet`], so a message costs one scan whatever the number of rules;
+//! only patterns that can span lines use NPD's buffer of recent messages.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Instant, SystemTime},
+};
+
+use regex::bytes::RegexSet;
+use serde::Serialize;
+
+use crate::{
+    conditions::ConditionManager,
+    event::KernelEvent,
+    problem::{ConditionChange, ProblemEvent, Report, Severity},
+    rules::{
+        Effect, Matcher, Rule, RuleSet,
+        pattern::build_set,
+        structured::{self, DedupWindow, EventKind, FaultKey},
+    },
+};
+
+/// Counters for the metrics exporter. Plain numbers, monotonic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EngineStats {
+    /// Kernel messages matched against the log rules (empty ones are skipped, as NPD does).
+    pub log_messages: u64,
+    /// Structured events (hung task, OOM kill, block error) handled.
+    pub structured_events: u64,
+    /// Rule matches (before rate thresholds and de-duplication).
+    pub rule_matches: u64,
+    /// Reports produced: problem events and condition changes (recoveries included).
+    pub problems_reported: u64,
+    /// Problems not reported because the same fault was already reported under the same
+    /// reason (repeated sightings and correlated duplicates, see `correlated`).
+    pub repeats_suppressed: u64,
+    /// Of `repeats_suppressed`: those seen by the other source (a kernel line for a fault
+    /// already reported from its structured event, or the reverse).
+    pub correlated: u64,
+    /// Permanent-rule matches that did not change their condition (already True, same reason).
+    pub condition_repeats: u64,
+    /// Time spent in [`Engine::handle`] and [`Engine::on_deadline`], nanoseconds.
+    pub match_nanos: u64,
+}
+
+/// Where a problem was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Log,
+    Structured,
+}
+
+#[derive(Debug)]
+struct DedupEntry {
+    expires: SystemTime,
+    origin: Origin,
+}
+
+#[derive(Debug)]
+struct FileState {
+    source: String,
+    buffer_size: usize,
+    /// Recent messages, only for files with multi-line patterns.
+    buffer: Option<VecDeque<String>>,
+}
+
+#[derive(Debug)]
+struct EngineRule {
+    file: usize,
+    rule: Rule,
+}
+
+/// The rule engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    rules: Vec<EngineRule>,
+    files: Vec<FileState>,
+    /// One-line log patterns, and the rule of each.
+    fast_set: Option<RegexSet>,
+    fast_rules: Vec<usize>,
+    /// Log patterns that may span lines.
+    slow_rules: Vec<usize>,
+    /// Structured rules by kind (hung task, OOM kill, block error).
+    structured: [Vec<usize>; 3],
+    conditions: ConditionManager,
+    rates: Vec<VecDeque<SystemTime>>,
+    dedup: HashMap<(String, FaultKey), DedupEntry>,
+    stats: EngineStats,
+}
+
+fn kind_index(kind: EventKind) -> usize {
+    match kind {
+        EventKind::HungTask => 0,
+        EventKind::OomKill => 1,
+        EventKind::BlockError => 2,
+    }
+}
+
+/// Above this many remembered faults, expired ones are swept.
+const DEDUP_SWEEP_AT: usize = 4096;
+
+impl Engine {
+    /// Builds an engine; every condition starts in its default False state.
+    pub fn new(rules: RuleSet) -> Engine {
+        let mut conditions = ConditionManager::default();
+        let mut files = Vec::new();
+        let mut flat = Vec::new();
+        for (i, file) in rules.files.into_iter().enumerate() {
+            for c in &file.conditions {
+                conditions.declare(
+                    &file.source,
+                    &c.type_,
+                    &c.reason,
+                    &c.message,
+                    SystemTime::UNIX_EPOCH,
+                );
+            }
+            let multi_line = file.rules.iter().any(
+                |r| matches!(&r.matcher, Matcher::Log { pattern, .. } if !pattern.last_line_only),
+            );
+            files.push(FileState {
+                source: file.source,
+                buffer_size: file.buffer_size,
+                buffer: multi_line.then(|| VecDeque::with_capacity(file.buffer_size)),
+            });
+            flat.extend(
+                file.rules
+                    .into_iter()
+                    .map(|rule| EngineRule { file: i, rule }),
+            );
+        }
+        let mut fast_rules = Vec::new();
+        let mut slow_rules = Vec::new();
+        let mut structured: [Vec<usize>; 3] = Default::default();
+        for (i, r) in flat.iter().enumerate() {
+            match &r.rule.matcher {
+                Matcher::Log { pattern, .. } if pattern.last_line_only => fast_rules.push(i),
+                Matcher::Log { .. } => slow_rules.push(i),
+                Matcher::Event { kind, .. } => structured[kind_index(*kind)].push(i),
+            }
+        }
+        let fast_set = if fast_rules.is_empty() {
+            None
+        } else {
+            let anchored = fast_rules.iter().map(|&i| match &flat[i].rule.matcher {
+                Matcher::Log { pattern, .. } => pattern.anchored.as_str(),
+                Matcher::Event { .. } => "",
+            });
+            match build_set(anchored) {
+                Ok(set) => Some(set),
+                // Too large together: each pattern compiled alone, so match them one by one.
+                Err(_) => {
+                    slow_rules.append(&mut fast_rules);
+                    slow_rules.sort_unstable();
+                    for &i in &slow_rules {
+                        files[flat[i].file].buffer.get_or_insert_with(VecDeque::new);
+                    }
+                    None
+                }
+            }
+        };
+        let rates = vec![VecDeque::new(); flat.len()];
+        Engine {
+            rules: flat,
+            files,
+            fast_set,
+            fast_rules,
+            slow_rules,
+            structured,
+            conditions,
+            rates,
+            dedup: HashMap::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// Every condition's default False state (with its source), for exporters to initialise;
+    /// `now` becomes their transition time.
+    pub fn initial_conditions(&mut self, now: SystemTime) -> Vec<ConditionChange> {
+        self.conditions.set_initial_time(now);
+        self.conditions.all()
+    }
+
+    /// Every condition's current state.
+    pub fn conditions(&self) -> Vec<ConditionChange> {
+        self.conditions.all()
+    }
+
+    /// Every (source, reason, condition type for permanent rules) the rules can report, once
+    /// each, in rule order: for metrics to initialise every reason to 0.
+    pub fn reasons(&self) -> Vec<(String, String, Option<String>)> {
+        let mut out: Vec<(String, String, Option<String>)> = Vec::new();
+        for r in &self.rules {
+            let condition = match &r.rule.effect {
+                Effect::Temporary => None,
+                Effect::Permanent { condition } => Some(condition.clone()),
+            };
+            let item = (
+                self.files[r.file].source.clone(),
+                r.rule.reason.clone(),
+                condition,
+            );
+            if !out.contains(&item) {
+                out.push(item);
+            }
+        }
+        out
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// When [`Engine::on_deadline`] has something to do (a condition recovery), if ever.
+    pub fn next_deadline(&self) -> Option<SystemTime> {
+        self.conditions.next_deadline()
+    }
+
+    /// Does what is due at `now` (condition recoveries), in order.
+    pub fn on_deadline(&mut self, now: SystemTime) -> Vec<Report> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        self.expire(now, &mut out);
+        self.stats.match_nanos += elapsed_nanos(start);
+        out
+    }
+
+    /// Handles one kernel event at `now`; returns what to report, in order (anything due
+    /// before it first).
+    pub fn handle(&mut self, event: &KernelEvent, now: SystemTime) -> Vec<Report> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        self.expire(now, &mut out);
+        match event {
+            KernelEvent::Log(log) => self.handle_log(&log.message, now, &mut out),
+            other => self.handle_structured(other, now, &mut out),
+        }
+        self.stats.match_nanos += elapsed_nanos(start);
+        out
+    }
+
+    fn expire(&mut self, now: SystemTime, out: &mut Vec<Report>) {
+        if self.conditions.next_deadline().is_some_and(|d| d <= now) {
+            for change in self.conditions.expire(now) {
+                self.stats.problems_reported += 1;
+                out.push(Report::Condition(change));
+            }
+        }
+    }
+
+    fn handle_log(&mut self, message: &str, now: SystemTime, out: &mut Vec<Report>) {
+        // NPD trims each message and skips empty ones.
+        let msg = message.trim();
+        if msg.is_empty() {
+            return;
+        }
+        self.stats.log_messages += 1;
+        let mut fired: Vec<(usize, String)> = Vec::new();
+        // `is_match` first: most lines match nothing, and it allocates nothing.
+        if let Some(set) = &self.fast_set
+            && set.is_match(msg.as_bytes())
+        {
+            let matches = set.matches(msg.as_bytes());
+            fired.extend(matches.iter().map(|i| (self.fast_rules[i], msg.to_owned())));
+        }
+        if !self.slow_rules.is_empty() {
+            self.match_buffers(msg, &mut fired);
+        }
+        if fired.is_empty() {
+            return;
+        }
+        fired.sort_by_key(|(i, _)| *i);
+        // Several rules may give the same problem for one line (NPD's pattern and npd's
+        // current-kernel one): report it once.
+        let mut this_line: Vec<(String, String)> = Vec::new();
+        for (i, lines) in fired {
+            self.stats.rule_matches += 1;
+            let rule = &self.rules[i].rule;
+            let Matcher::Log { suffix, .. } = &rule.matcher else {
+                continue;
+            };
+            let message = match suffix {
+                Some(s) => format!("{lines}; {s}"),
+                None => lines,
+            };
+            let key = (rule.reason.clone(), message);
+            if this_line.contains(&key) {
+                continue;
+            }
+            let fault = FaultKey::of_message(&key.1);
+            let message = key.1.clone();
+            this_line.push(key);
+            self.fire(
+                i,
+                message,
+                serde_json::Map::new(),
+                fault,
+                Origin::Log,
+                now,
+                out,
+            );
+        }
+    }
+
+    /// NPD's buffer semantics for patterns that may span lines: the last `bufferSize` messages
+    /// (empty strings before the buffer fills) joined with `"\n"`; the message is every line
+    /// from the one where the match starts.
+    fn match_buffers(&mut self, msg: &str, fired: &mut Vec<(usize, String)>) {
+        let mut joined: Vec<Option<String>> = vec![None; self.files.len()];
+        for (f, file) in self.files.iter_mut().enumerate() {
+            if let Some(buf) = &mut file.buffer {
+                if buf.len() == file.buffer_size {
+                    buf.pop_front();
+                }
+                buf.push_back(msg.to_owned());
+                let empty = file.buffer_size - buf.len();
+                let mut text = "\n".repeat(empty);
+                for (j, line) in buf.iter().enumerate() {
+                    if j > 0 {
+                        text.push('\n');
+                    }
+                    text.push_str(line);
+                }
+                joined[f] = Some(text);
+            }
+        }
+        for &i in &self.slow_rules {
+            let r = &self.rules[i];
+            let (Matcher::Log { pattern, .. }, Some(text), Some(buf)) =
+                (&r.rule.matcher, &joined[r.file], &self.files[r.file].buffer)
+            else {
+                continue;
+            };
+            let Some(m) = pattern.regex.find(text.as_bytes()) else {
+                continue;
+            };
+            let s = text.len() as isize - m.start() as isize - 1;
+            let mut total = 0isize;
+            let mut n = 0;
+            for line in buf.iter().rev() {
+                n += 1;
+                total += line.len() as isize + 1;
+                if total > s {
+                    break;
+                }
+            }
+            let lines: Vec<&str> = buf.iter().skip(buf.len() - n).map(String::as_str).collect();
+            fired.push((i, lines.join("\n")));
+        }
+    }
+
+    fn handle_structured(&mut self, event: &KernelEvent, now: SystemTime, out: &mut Vec<Report>) {
+        let Some(kind) = EventKind::of(event) else {
+            return;
+        };
+        self.stats.structured_events += 1;
+        let fault = FaultKey::of_event(event);
+        for n in 0..self.structured[kind_index(kind)].len() {
+            let i = self.structured[kind_index(kind)][n];
+            let Matcher::Event {
+                filters, template, ..
+            } = &self.rules[i].rule.matcher
+            else {
+                continue;
+            };
+            if !filters.iter().all(|f| f.matches(event)) {
+                continue;
+            }
+            self.stats.rule_matches += 1;
+            let message = template.render(event);
+            let fields = structured::event_fields(event);
+            self.fire(
+                i,
+                message,
+                fields,
+                fault.clone(),
+                Origin::Structured,
+                now,
+                out,
+            );
+        }
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "private; one call site per source"
+    )]
+    fn fire(
+        &mut self,
+        i: usize,
+        mut message: String,
+        fields: serde_json::Map<String, serde_json::Value>,
+        fault: Option<FaultKey>,
+        origin: Origin,
+        now: SystemTime,
+        out: &mut Vec<Report>,
+    ) {
+        let rule = &self.rules[i].rule;
+        if let Some(rate) = rule.rate {
+            let seen = &mut self.rates[i];
+            seen.push_back(now);
+            while seen.front().is_some_and(|&t| t + rate.window <= now) {
+                seen.pop_front();
+            }
+            if seen.len() < rate.count as usize {
+                return;
+            }
+            message = format!(
+                "{message}; {} times within {}",
+                seen.len(),
+                humantime::format_duration(rate.window)
+            );
+            if rule.effect == Effect::Temporary {
+                seen.clear();
+            }
+        }
+        let reason = rule.reason.clone();
+        let source = self.files[self.rules[i].file].source.clone();
+        match rule.effect.clone() {
+            Effect::Temporary => {
+                if let Some(fault) = fault {
+                    let default = fault.kind().default_dedup();
+                    let window = DedupWindow {
+                        window: rule.dedup_window.unwrap_or(default.window),
+                        ..default
+                    };
+                    if self.suppress(reason.clone(), fault, window, origin, now) {
+                        return;
+                    }
+                }
+                self.stats.problems_reported += 1;
+                out.push(Report::Event(ProblemEvent {
+                    source,
+                    severity: Severity::Warning,
+                    reason,
+                    message,
+                    timestamp: now,
+                    fields,
+                }));
+            }
+            Effect::Permanent { condition } => {
+                let recover_after = rule.recover_after;
+                match self
+                    .conditions
+                    .set_true(&condition, &reason, &message, now, recover_after)
+                {
+                    Some(change) => {
+                        self.stats.problems_reported += 1;
+                        out.push(Report::Condition(change));
+                    }
+                    None => self.stats.condition_repeats += 1,
+                }
+            }
+        }
+    }
+
+    /// Whether a problem about `fault` under `reason` was already reported within its window
+    /// (then it is counted, not reported).
+    fn suppress(
+        &mut self,
+        reason: String,
+        fault: FaultKey,
+        window: DedupWindow,
+        origin: Origin,
+        now: SystemTime,
+    ) -> bool {
+        if self.dedup.len() >= DEDUP_SWEEP_AT {
+            self.dedup.retain(|_, e| e.expires > now);
+        }
+        match self.dedup.get_mut(&(reason.clone(), fault.clone())) {
+            Some(e) if now < e.expires => {
+                self.stats.repeats_suppressed += 1;
+                if e.origin != origin {
+                    self.stats.correlated += 1;
+                }
+                if window.sliding {
+                    e.expires = e.expires.max(now + window.window);
+                }
+                true
+            }
+            _ => {
+                self.dedup.insert(
+                    (reason, fault),
+                    DedupEntry {
+                        expires: now + window.window,
+                        origin,
+                    },
+                );
+                false
+            }
+        }
+    }
+}
+
+fn elapsed_nanos(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}

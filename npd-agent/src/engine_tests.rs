@@ -1,0 +1,616 @@
+//! Behaviour tests of the rules, the engine and `replay`: NPD's documented examples, its
+//! problem generator texts, current kernels' wording, structured events with the kernel's
+//! accompanying lines (one fault, one problem), recovery, rates, and bad input.
+
+use std::time::{Duration, SystemTime};
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use crate::{
+    commands::replay::replay,
+    engine::Engine,
+    event::{BlockError, BlockOp, DevNum, HungTask, KernelEvent, LogMessage, OomKill},
+    problem::{ConditionStatus, Report, condition_change_message},
+    rules::RuleSet,
+};
+
+fn t(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn log(text: &str) -> KernelEvent {
+    KernelEvent::Log(LogMessage::new(text))
+}
+
+/// Replays text through the embedded defaults (or the given rule files) and returns the JSON
+/// lines without `transition_time`.
+fn replay_lines(rules: RuleSet, input: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    replay(rules, input.as_bytes(), &mut out).unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("transition_time");
+            v
+        })
+        .collect()
+}
+
+fn defaults(input: &str) -> Vec<Value> {
+    replay_lines(RuleSet::defaults(), input)
+}
+
+fn event(reason: &str, message: &str) -> Value {
+    json!({"kind":"event","source":"kernel-monitor","reason":reason,"message":message})
+}
+
+fn rules(json: &str) -> RuleSet {
+    RuleSet::from_sources([("test.json", json.as_bytes())]).unwrap()
+}
+
+#[test]
+fn npd_readme_kernel_oops() {
+    let line = "kernel: BUG: unable to handle kernel NULL pointer dereference at TESTING";
+    assert_eq!(defaults(line), vec![event("KernelOops", line)]);
+}
+
+#[test]
+fn npd_readme_docker_hung() {
+    let line = "kernel: INFO: task docker:20744 blocked for more than 120 seconds.";
+    assert_eq!(
+        defaults(line),
+        vec![
+            event("TaskHung", line),
+            json!({"kind":"condition","source":"kernel-monitor","type":"KernelDeadlock","status":"True",
+                "reason":"DockerHung","message":line}),
+        ]
+    );
+}
+
+#[test]
+fn npd_docker_hung_condition_change_message() {
+    let mut engine = Engine::new(RuleSet::defaults());
+    let line = "INFO: task docker:20744 blocked for more than 120 seconds.";
+    let reports = engine.handle(&log(line), t(1));
+    let Some(Report::Condition(change)) = reports.last() else {
+        panic!("{reports:?}")
+    };
+    assert_eq!(
+        condition_change_message(&change.condition),
+        format!(
+            "Node condition KernelDeadlock is now: True, reason: DockerHung, message: \"{line}\""
+        )
+    );
+}
+
+#[test]
+fn npd_problem_maker_oom_kill() {
+    let input = "Memory cgroup out of memory: Kill process 1012 (heapster) score 1035 or sacrifice child\n\
+                 Killed process 1012 (heapster) total-vm:327128kB, anon-rss:306328kB, file-rss:11132kB, shmem-rss:12345kB\n";
+    assert_eq!(
+        defaults(input),
+        vec![event(
+            "OOMKilling",
+            "Killed process 1012 (heapster) total-vm:327128kB, anon-rss:306328kB, file-rss:11132kB, shmem-rss:12345kB"
+        )]
+    );
+}
+
+#[test]
+fn npd_problem_maker_docker_hung() {
+    let input = r#"INFO: task docker:20744 blocked for more than 120 seconds.
+      Tainted: G         C    3.16.0-4-amd64 #1
+"echo 0 > /proc/sys/kernel/hung_task_timeout_secs" disables this message.
+docker          D ffff8801a8f2b078     0 20744      1 0x00000000
+ ffff8801a8f2ac20 0000000000000082 0000000000012f00 ffff880057a17fd8
+Call Trace:
+ [<ffffffff81510915>] ? schedule_preempt_disabled+0x25/0x70
+ [<ffffffff81513d0d>] ? system_call_fast_compare_end+0x10/0x15"#;
+    let out = defaults(input);
+    let reasons: Vec<&str> = out.iter().map(|v| v["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["TaskHung", "DockerHung"]);
+    assert_eq!(out[1]["type"], "KernelDeadlock");
+}
+
+#[test]
+fn npd_problem_maker_ext4_error() {
+    let line = "EXT4-fs error (device sda1): trigger_test_error:1043: comm problem-maker: fake filesystem error from problem-maker";
+    assert_eq!(defaults(line), vec![event("Ext4Error", line)]);
+}
+
+#[test]
+fn npd_default_conditions() {
+    let cases = [
+        (
+            "EXT4-fs (sda1): Remounting filesystem read-only",
+            "readonly-monitor",
+            "ReadonlyFilesystem",
+            "FilesystemIsReadOnly",
+        ),
+        (
+            "XFS (dm-0): Corruption of in-memory data detected.  Shutting down filesystem",
+            "kernel-monitor",
+            "XfsShutdown",
+            "XfsHasShutdown",
+        ),
+        (
+            "{1}[Hardware Error]: event severity: fatal",
+            "kernel-monitor",
+            "CperHardwareErrorFatal",
+            "CperHardwareErrorFatal",
+        ),
+        (
+            "mce: [Hardware Error]: event severity: fatal",
+            "kernel-monitor",
+            "CperHardwareErrorFatal",
+            "CperHardwareErrorFatal",
+        ),
+    ];
+    for (line, source, type_, reason) in cases {
+        assert_eq!(
+            defaults(line),
+            vec![
+                json!({"kind":"condition","source":source,"type":type_,"status":"True","reason":reason,"message":line})
+            ],
+            "{line}"
+        );
+    }
+    let line = "{37}[Hardware Error]: event severity: corrected";
+    assert_eq!(
+        defaults(line),
+        vec![event("CperHardwareErrorCorrected", line)]
+    );
+    let line = "{3}[Hardware Error]: event severity: recoverable";
+    assert_eq!(
+        defaults(line),
+        vec![event("CperHardwareErrorRecoverable", line)]
+    );
+}
+
+#[test]
+fn current_kernel_wording() {
+    for (line, reason) in [
+        (
+            "BUG: kernel NULL pointer dereference, address: 0000000000000000",
+            "KernelOops",
+        ),
+        (
+            "BUG: kernel NULL pointer dereference, address: 0000002c",
+            "KernelOops",
+        ),
+        (
+            "Unable to handle kernel NULL pointer dereference at virtual address 0000000000000000",
+            "KernelOops",
+        ),
+        (
+            "Oops: divide error: 0000 [#1] PREEMPT SMP NOPTI",
+            "KernelOops",
+        ),
+        ("divide error: 0000 [#1] SMP PTI", "KernelOops"),
+        // Both NPD's pattern and npd's match: still one problem.
+        ("divide error: 0000 [#1] SMP", "KernelOops"),
+        (
+            "Out of memory: Killed process 1234 (stress) total-vm:1049044kB, anon-rss:1047588kB, file-rss:4kB, shmem-rss:0kB, UID:0 pgtables:2092kB oom_score_adj:0",
+            "OOMKilling",
+        ),
+        (
+            "Memory cgroup out of memory: Killed process 4321 (python3) total-vm:417196kB, anon-rss:262144kB, file-rss:8196kB, shmem-rss:0kB, UID:1000 pgtables:620kB oom_score_adj:985",
+            "OOMKilling",
+        ),
+        (
+            "INFO: task dd:1234 blocked for more than 120 seconds.",
+            "TaskHung",
+        ),
+        (
+            "INFO: task kworker/u16:3:812 blocked for more than 122 seconds.",
+            "TaskHung",
+        ),
+        (
+            "unregister_netdevice: waiting for lo to become free. Usage count = 1",
+            "UnregisterNetDevice",
+        ),
+        (
+            "I/O error, dev loop0, sector 24576 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 2",
+            "IOError",
+        ),
+        (
+            "critical medium error, dev sdb, sector 1024 op 0x1:(WRITE) flags 0x0 phys_seg 1 prio class 0",
+            "IOError",
+        ),
+        (
+            "Buffer I/O error on dev loop0, logical block 3072, async page read",
+            "IOError",
+        ),
+    ] {
+        assert_eq!(defaults(line), vec![event(reason, line)], "{line}");
+    }
+    // What must not match.
+    for line in [
+        "systemd[1]: Started Session 4321 of user core.",
+        "oom_reaper: reaped process 1234 (stress), now anon-rss:0kB, file-rss:0kB, shmem-rss:0kB",
+        "EXT4-fs (sda1): mounted filesystem with ordered data mode.",
+    ] {
+        assert_eq!(defaults(line), Vec::<Value>::new(), "{line}");
+    }
+}
+
+#[test]
+fn default_rule_inventory() {
+    let set = RuleSet::defaults();
+    let kernel = &set.files[0];
+    assert_eq!(kernel.rules.len(), 14);
+    let mut engine = Engine::new(set);
+    let types: Vec<String> = engine
+        .initial_conditions(t(0))
+        .into_iter()
+        .map(|c| {
+            assert_eq!(c.condition.status, ConditionStatus::False);
+            c.condition.type_
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "KernelDeadlock",
+            "XfsShutdown",
+            "CperHardwareErrorFatal",
+            "ReadonlyFilesystem"
+        ]
+    );
+    let reasons = engine.reasons();
+    assert!(reasons.contains(&(
+        "kernel-monitor".into(),
+        "DockerHung".into(),
+        Some("KernelDeadlock".into())
+    )));
+    assert!(reasons.contains(&("kernel-monitor".into(), "OOMKilling".into(), None)));
+    assert!(reasons.contains(&(
+        "readonly-monitor".into(),
+        "FilesystemIsReadOnly".into(),
+        Some("ReadonlyFilesystem".into())
+    )));
+    assert_eq!(reasons.iter().filter(|r| r.1 == "KernelOops").count(), 1);
+}
+
+fn hung(pid: i32, comm: &str) -> KernelEvent {
+    KernelEvent::HungTask(HungTask {
+        pid,
+        comm: comm.into(),
+    })
+}
+
+fn reasons(reports: &[Report]) -> Vec<String> {
+    reports
+        .iter()
+        .map(|r| match r {
+            Report::Event(e) => e.reason.clone(),
+            Report::Condition(c) => {
+                format!("{}={}", c.condition.type_, c.condition.status.as_str())
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn hung_task_is_one_problem() {
+    let mut engine = Engine::new(RuleSet::defaults());
+    let first = engine.handle(&hung(1234, "dd"), t(100));
+    assert_eq!(reasons(&first), ["TaskHung"]);
+    let Report::Event(e) = &first[0] else {
+        panic!()
+    };
+    assert_eq!(
+        e.message,
+        "task dd:1234 blocked for more than kernel.hung_task_timeout_secs seconds."
+    );
+    assert_eq!(e.fields["pid"], 1234);
+    assert_eq!(e.fields["comm"], "dd");
+    // The kernel's own line for the same fault, then the detector's next sightings.
+    assert!(
+        engine
+            .handle(
+                &log("INFO: task dd:1234 blocked for more than 2 seconds."),
+                t(100)
+            )
+            .is_empty()
+    );
+    for i in 1..=12 {
+        assert!(
+            engine
+                .handle(&hung(1234, "dd"), t(100 + 120 * i))
+                .is_empty()
+        );
+    }
+    // Another task is another problem.
+    assert_eq!(
+        reasons(&engine.handle(&hung(99, "dd"), t(2000))),
+        ["TaskHung"]
+    );
+    let s = engine.stats();
+    assert_eq!(
+        (s.problems_reported, s.repeats_suppressed, s.correlated),
+        (2, 13, 1)
+    );
+}
+
+#[test]
+fn hung_task_line_first_then_tracepoint() {
+    let mut engine = Engine::new(RuleSet::defaults());
+    assert_eq!(
+        reasons(&engine.handle(
+            &log("INFO: task dd:77 blocked for more than 120 seconds."),
+            t(5)
+        )),
+        ["TaskHung"]
+    );
+    assert!(engine.handle(&hung(77, "dd"), t(5)).is_empty());
+    assert_eq!(engine.stats().correlated, 1);
+}
+
+#[test]
+fn hung_task_after_the_kernel_stops_printing() {
+    // hung_task_warnings exhausted: only the tracepoint fires, and npd still reports it.
+    let mut engine = Engine::new(RuleSet::defaults());
+    assert_eq!(
+        reasons(&engine.handle(&hung(4242, "postgres"), t(1))),
+        ["TaskHung"]
+    );
+}
+
+#[test]
+fn docker_hang_structured_and_printed() {
+    let mut engine = Engine::new(RuleSet::defaults());
+    let out = engine.handle(&hung(20744, "docker"), t(1));
+    assert_eq!(reasons(&out), ["TaskHung", "KernelDeadlock=True"]);
+    let Report::Condition(c) = &out[1] else {
+        panic!()
+    };
+    assert_eq!(c.condition.reason, "DockerHung");
+    assert_eq!(c.source, "kernel-monitor");
+    assert!(
+        engine
+            .handle(
+                &log("INFO: task docker:20744 blocked for more than 120 seconds."),
+                t(1)
+            )
+            .is_empty()
+    );
+    assert_eq!(engine.stats().condition_repeats, 1);
+}
+
+#[test]
+fn oom_kill_is_one_problem() {
+    let mut engine = Engine::new(RuleSet::defaults());
+    let oom = KernelEvent::OomKill(OomKill {
+        pid: 1234,
+        comm: Some("stress".into()),
+        uid: Some(0),
+        total_vm_kb: Some(1049044),
+        anon_rss_kb: Some(1047588),
+        file_rss_kb: Some(4),
+        shmem_rss_kb: Some(0),
+        pgtables_kb: Some(2092),
+        oom_score_adj: Some(0),
+    });
+    let out = engine.handle(&oom, t(1));
+    assert_eq!(reasons(&out), ["OOMKilling"]);
+    let Report::Event(e) = &out[0] else { panic!() };
+    let text = "Killed process 1234 (stress) total-vm:1049044kB, anon-rss:1047588kB, file-rss:4kB, shmem-rss:0kB, UID:0 pgtables:2092kB oom_score_adj:0";
+    assert_eq!(e.message, text);
+    let printed = format!("Out of memory: {text}");
+    for line in [
+        "stress invoked oom-killer: gfp_mask=0x140dca(GFP_HIGHUSER_MOVABLE|__GFP_COMP|__GFP_ZERO), order=0, oom_score_adj=0",
+        "oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),cpuset=/,mems_allowed=0,global_oom,task_memcg=/user.slice,task=stress,pid=1234,uid=0",
+        &printed,
+        "oom_reaper: reaped process 1234 (stress), now anon-rss:0kB, file-rss:0kB, shmem-rss:0kB",
+    ] {
+        assert!(engine.handle(&log(line), t(1)).is_empty(), "{line}");
+    }
+    // A second kill is a second problem.
+    let other = KernelEvent::OomKill(OomKill {
+        pid: 1300,
+        ..Default::default()
+    });
+    assert_eq!(reasons(&engine.handle(&other, t(2))), ["OOMKilling"]);
+}
+
+fn block(device: &str) -> KernelEvent {
+    KernelEvent::BlockError(BlockError {
+        device: Some(device.into()),
+        dev: DevNum { major: 7, minor: 0 },
+        sector: 24576,
+        nr_sectors: 8,
+        op: BlockOp::Read,
+        rwbs: "RA".into(),
+        error: -5,
+    })
+}
+
+#[test]
+fn block_error_is_one_problem() {
+    let mut engine = Engine::new(RuleSet::defaults());
+    let out = engine.handle(&block("loop0"), t(10));
+    assert_eq!(reasons(&out), ["IOError"]);
+    let Report::Event(e) = &out[0] else { panic!() };
+    assert_eq!(
+        e.message,
+        "EIO error on dev loop0 (7:0), sector 24576, 8 sectors, op READ (RA)"
+    );
+    assert_eq!(e.fields["device"], "loop0");
+    for line in [
+        "I/O error, dev loop0, sector 24576 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 2",
+        "Buffer I/O error on dev loop0, logical block 3072, async page read",
+    ] {
+        assert!(engine.handle(&log(line), t(10)).is_empty(), "{line}");
+    }
+    // Readahead retries in the same burst.
+    assert!(engine.handle(&block("loop0"), t(11)).is_empty());
+    // Another disk; and the same disk after the window.
+    assert_eq!(reasons(&engine.handle(&block("loop1"), t(12))), ["IOError"]);
+    assert_eq!(
+        reasons(&engine.handle(&block("loop0"), t(100))),
+        ["IOError"]
+    );
+}
+
+#[test]
+fn multi_line_patterns_use_npd_buffer_semantics() {
+    let set = rules(
+        r#"{"source":"m","bufferSize":3,"rules":[
+            {"type":"temporary","reason":"OldOOM","patternGeneratedMessageSuffix":"see runbook",
+             "pattern":"Kill process \\d+ (.+) score \\d+ or sacrifice child\\nKilled process \\d+ (.+) total-vm:\\d+kB"},
+            {"type":"temporary","reason":"Only","pattern":"^only"}]}"#,
+    );
+    let input = "noise\nKill process 1 (a) score 5 or sacrifice child\nKilled process 1 (a) total-vm:10kB\nonly\n";
+    let out = replay_lines(set, input);
+    assert_eq!(
+        out,
+        vec![json!({"kind":"event","source":"m","reason":"OldOOM",
+            "message":"Kill process 1 (a) score 5 or sacrifice child\nKilled process 1 (a) total-vm:10kB; see runbook"})]
+    );
+    // `^` is the start of the whole buffer: with bufferSize 1 it is the line.
+    let set = rules(
+        r#"{"source":"m","bufferSize":1,"rules":[{"type":"temporary","reason":"Only","pattern":"^only"}]}"#,
+    );
+    assert_eq!(replay_lines(set, "only\nnot only\n").len(), 1);
+}
+
+#[test]
+fn recovery_after_a_quiet_period() {
+    let set = rules(
+        r#"{"source":"s","conditions":[{"type":"FrequentThing","reason":"NoThing","message":"fine"}],
+            "rules":[{"type":"permanent","condition":"FrequentThing","reason":"Thing","pattern":"thing happened",
+                      "recoverAfter":"10m"}]}"#,
+    );
+    let mut engine = Engine::new(set);
+    assert_eq!(engine.next_deadline(), None);
+    assert_eq!(
+        reasons(&engine.handle(&log("thing happened"), t(0))),
+        ["FrequentThing=True"]
+    );
+    assert_eq!(engine.next_deadline(), Some(t(600)));
+    assert!(engine.handle(&log("thing happened"), t(300)).is_empty());
+    assert_eq!(engine.next_deadline(), Some(t(900)));
+    assert!(engine.on_deadline(t(899)).is_empty());
+    let back = engine.on_deadline(t(900));
+    let [Report::Condition(c)] = back.as_slice() else {
+        panic!("{back:?}")
+    };
+    assert_eq!(
+        (
+            c.condition.status,
+            c.condition.reason.as_str(),
+            c.condition.message.as_str()
+        ),
+        (ConditionStatus::False, "NoThing", "fine")
+    );
+    assert_eq!(c.severity(), crate::problem::Severity::Normal);
+    assert_eq!(engine.next_deadline(), None);
+    // handle() also does what is due first.
+    engine.handle(&log("thing happened"), t(1000));
+    let out = engine.handle(&log("unrelated"), t(5000));
+    assert_eq!(reasons(&out), ["FrequentThing=False"]);
+}
+
+#[test]
+fn rate_condition_without_a_plugin() {
+    let set = rules(
+        r#"{"source":"kernel-monitor",
+            "conditions":[{"type":"FrequentUnregisterNetDevice","reason":"NoFrequentUnregisterNetDevice","message":"node is functioning properly"}],
+            "rules":[{"type":"permanent","condition":"FrequentUnregisterNetDevice","reason":"UnregisterNetDevice",
+                      "pattern":"unregister_netdevice: waiting for \\w+ to become free. Usage count = \\d+",
+                      "rate":{"count":3,"window":"20m"},"recoverAfter":"1h"}]}"#,
+    );
+    let mut engine = Engine::new(set);
+    let line = "unregister_netdevice: waiting for eth0 to become free. Usage count = 1";
+    assert!(engine.handle(&log(line), t(0)).is_empty());
+    assert!(engine.handle(&log(line), t(60)).is_empty());
+    // The first one is out of the 20-minute window by now.
+    assert!(engine.handle(&log(line), t(1210)).is_empty());
+    let out = engine.handle(&log(line), t(1250));
+    let [Report::Condition(c)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(c.condition.reason, "UnregisterNetDevice");
+    assert_eq!(c.condition.message, format!("{line}; 3 times within 20m"));
+}
+
+#[test]
+fn structured_filters_and_templates() {
+    let set = rules(
+        r#"{"source":"s","rules":[
+            {"type":"temporary","reason":"DiskWriteFailed","event":"block_error",
+             "match":{"device":"nvme.*|loop0","op":"WRITE","error":"EIO"},
+             "message":"write to {device} failed at sector {sector} ({error}, errno {errno})"}]}"#,
+    );
+    let mut engine = Engine::new(set);
+    assert!(engine.handle(&block("loop0"), t(0)).is_empty(), "a read");
+    let write = KernelEvent::BlockError(BlockError {
+        op: BlockOp::Write,
+        rwbs: "W".into(),
+        ..match block("loop0") {
+            KernelEvent::BlockError(b) => b,
+            _ => unreachable!(),
+        }
+    });
+    let out = engine.handle(&write, t(0));
+    let [Report::Event(e)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        e.message,
+        "write to loop0 failed at sector 24576 (EIO, errno 5)"
+    );
+}
+
+#[test]
+fn hostile_messages() {
+    let mut engine = Engine::new(RuleSet::defaults());
+    let big = format!("EXT4-fs error {}", "x".repeat(100 * 1024));
+    assert_eq!(reasons(&engine.handle(&log(&big), t(0))), ["Ext4Error"]);
+    assert!(
+        engine
+            .handle(&log(&"\u{fffd}".repeat(50_000)), t(0))
+            .is_empty()
+    );
+    assert!(engine.handle(&log(""), t(0)).is_empty());
+    assert!(engine.handle(&log("   \t  "), t(0)).is_empty());
+    let set = rules(
+        r#"{"source":"m","bufferSize":1000,"rules":[{"type":"temporary","reason":"X","pattern":"a[\\s\\S]*b"}]}"#,
+    );
+    let mut engine = Engine::new(set);
+    for _ in 0..50 {
+        engine.handle(&log(&"a".repeat(10_000)), t(0));
+    }
+    assert_eq!(reasons(&engine.handle(&log("b"), t(0))), ["X"]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn replay_survives_arbitrary_bytes(input in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut out = Vec::new();
+        replay(RuleSet::defaults(), &input[..], &mut out).unwrap();
+        for line in String::from_utf8(out).unwrap().lines() {
+            let _: Value = serde_json::from_str(line).unwrap();
+        }
+    }
+
+    #[test]
+    fn replay_survives_kernel_like_lines(lines in proptest::collection::vec(
+        prop_oneof![
+            Just("INFO: task dd:1 blocked for more than 120 seconds.".to_string()),
+            Just("6,100,5000,-;Killed process 1 (x) total-vm:1kB, anon-rss:1kB, file-rss:1kB".to_string()),
+            Just("[   1.0] Buffer I/O error on dev sda1, logical block 1".to_string()),
+            "[ -~]{0,80}",
+            "\\PC{0,40}",
+        ], 0..40)) {
+        let input = lines.join("\n");
+        let mut out = Vec::new();
+        replay(RuleSet::defaults(), input.as_bytes(), &mut out).unwrap();
+    }
+}

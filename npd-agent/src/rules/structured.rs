@@ -1,0 +1,478 @@
+//! Structured rules (an npd extension): rules on the eBPF events (hung task, OOM kill, block
+//! error) instead of message text, with filters on the event's fields and a message template
+//! built from them. Also: which kernel fault a problem is about ([`FaultKey`]), so that the
+//! structured event and the kernel's printed line for the same fault are reported once.
+
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::event::{BlockError, HungTask, KernelEvent, OomKill};
+
+/// The kinds of structured events a rule can select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// [`KernelEvent::HungTask`].
+    HungTask,
+    /// [`KernelEvent::OomKill`].
+    OomKill,
+    /// [`KernelEvent::BlockError`].
+    BlockError,
+}
+
+impl EventKind {
+    /// The kind's name as written in rule files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::HungTask => "hung_task",
+            EventKind::OomKill => "oom_kill",
+            EventKind::BlockError => "block_error",
+        }
+    }
+
+    /// The fields a filter or a template may name.
+    pub fn fields(self) -> &'static [&'static str] {
+        match self {
+            EventKind::HungTask => &["pid", "comm"],
+            EventKind::OomKill => &[
+                "pid",
+                "comm",
+                "uid",
+                "total_vm_kb",
+                "anon_rss_kb",
+                "file_rss_kb",
+                "shmem_rss_kb",
+                "pgtables_kb",
+                "oom_score_adj",
+            ],
+            EventKind::BlockError => &[
+                "device",
+                "dev",
+                "sector",
+                "nr_sectors",
+                "op",
+                "rwbs",
+                "error",
+                "errno",
+            ],
+        }
+    }
+
+    /// How long a problem about the same fault is de-duplicated, and whether each repeat
+    /// extends that window. A task stays hung while the detector keeps seeing it (it checks
+    /// every `hung_task_check_interval_secs`, 120 s by default), so each sighting extends it.
+    pub fn default_dedup(self) -> DedupWindow {
+        match self {
+            EventKind::HungTask => DedupWindow {
+                window: Duration::from_secs(15 * 60),
+                sliding: true,
+            },
+            EventKind::OomKill => DedupWindow {
+                window: Duration::from_secs(5 * 60),
+                sliding: false,
+            },
+            EventKind::BlockError => DedupWindow {
+                window: Duration::from_secs(60),
+                sliding: false,
+            },
+        }
+    }
+
+    /// The kind of a kernel event, if it is a structured one.
+    pub fn of(event: &KernelEvent) -> Option<Self> {
+        match event {
+            KernelEvent::Log(_) => None,
+            KernelEvent::HungTask(_) => Some(EventKind::HungTask),
+            KernelEvent::OomKill(_) => Some(EventKind::OomKill),
+            KernelEvent::BlockError(_) => Some(EventKind::BlockError),
+        }
+    }
+}
+
+/// How long repeats of one fault are folded into its first report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupWindow {
+    /// The window.
+    pub window: Duration,
+    /// Whether each repeat extends the window (else it runs from the first report).
+    pub sliding: bool,
+}
+
+/// The value of a field of a structured event, as text (`None` when the kernel did not give it).
+pub fn field(event: &KernelEvent, name: &str) -> Option<String> {
+    match event {
+        KernelEvent::Log(_) => None,
+        KernelEvent::HungTask(HungTask { pid, comm }) => match name {
+            "pid" => Some(pid.to_string()),
+            "comm" => Some(comm.clone()),
+            _ => None,
+        },
+        KernelEvent::OomKill(o) => oom_field(o, name),
+        KernelEvent::BlockError(b) => block_field(b, name),
+    }
+}
+
+fn oom_field(o: &OomKill, name: &str) -> Option<String> {
+    let num = |v: Option<u64>| v.map(|v| v.to_string());
+    match name {
+        "pid" => Some(o.pid.to_string()),
+        "comm" => o.comm.clone(),
+        "uid" => o.uid.map(|v| v.to_string()),
+        "total_vm_kb" => num(o.total_vm_kb),
+        "anon_rss_kb" => num(o.anon_rss_kb),
+        "file_rss_kb" => num(o.file_rss_kb),
+        "shmem_rss_kb" => num(o.shmem_rss_kb),
+        "pgtables_kb" => num(o.pgtables_kb),
+        "oom_score_adj" => o.oom_score_adj.map(|v| v.to_string()),
+        _ => None,
+    }
+}
+
+fn block_field(b: &BlockError, name: &str) -> Option<String> {
+    match name {
+        // The device name, or major:minor when it could not be resolved.
+        "device" => Some(b.device.clone().unwrap_or_else(|| b.dev.to_string())),
+        "dev" => Some(b.dev.to_string()),
+        "sector" => Some(b.sector.to_string()),
+        "nr_sectors" => Some(b.nr_sectors.to_string()),
+        "op" => Some(b.op.as_str().to_owned()),
+        "rwbs" => Some(b.rwbs.clone()),
+        "error" => Some(errno_name(b.error).map_or_else(|| b.error.to_string(), str::to_owned)),
+        "errno" => Some(b.error.unsigned_abs().to_string()),
+        _ => None,
+    }
+}
+
+/// The name of a (negative) errno that block requests fail with.
+pub fn errno_name(error: i32) -> Option<&'static str> {
+    Some(match error.wrapping_neg() {
+        libc::EIO => "EIO",
+        libc::ENOSPC => "ENOSPC",
+        libc::ENOLINK => "ENOLINK",
+        libc::EREMOTEIO => "EREMOTEIO",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EILSEQ => "EILSEQ",
+        libc::ENODATA => "ENODATA",
+        libc::EBADE => "EBADE",
+        libc::ENOMEM => "ENOMEM",
+        libc::EAGAIN => "EAGAIN",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ENODEV => "ENODEV",
+        libc::ENXIO => "ENXIO",
+        libc::EBUSY => "EBUSY",
+        libc::EINVAL => "EINVAL",
+        libc::ENOMSG => "ENOMSG",
+        _ => return None,
+    })
+}
+
+/// A filter on one field: the field's text must match the regex entirely.
+#[derive(Clone, Debug)]
+pub struct FieldFilter {
+    /// The field's name.
+    pub field: String,
+    /// `^(?:...)$` of the pattern from the rule file.
+    pub regex: Regex,
+}
+
+impl FieldFilter {
+    /// Whether the event passes (a missing field never does).
+    pub fn matches(&self, event: &KernelEvent) -> bool {
+        field(event, &self.field).is_some_and(|v| self.regex.is_match(&v))
+    }
+}
+
+/// A message template: literal text with `{field}` placeholders (`{{` and `}}` for braces).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Field(String),
+}
+
+impl Template {
+    /// Parses a template; the error says what is wrong.
+    pub fn parse(text: &str, kind: EventKind) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    lit.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    lit.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => {
+                                return Err(format!(
+                                    "unclosed `{{{name}` (write `{{{{` for a literal brace)"
+                                ));
+                            }
+                        }
+                    }
+                    if !kind.fields().contains(&name.as_str()) {
+                        return Err(format!(
+                            "unknown field {{{name}}} for {} events; known: {}",
+                            kind.as_str(),
+                            kind.fields().join(", ")
+                        ));
+                    }
+                    if !lit.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut lit)));
+                    }
+                    parts.push(Part::Field(name));
+                }
+                '}' => return Err("unmatched `}` (write `}}` for a literal brace)".into()),
+                c => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            parts.push(Part::Text(lit));
+        }
+        Ok(Self { parts })
+    }
+
+    /// The message for an event; a field the kernel did not give renders as `?`.
+    pub fn render(&self, event: &KernelEvent) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Field(f) => match field(event, f) {
+                    Some(v) => out.push_str(&v),
+                    None => out.push('?'),
+                },
+            }
+        }
+        out
+    }
+
+    /// The default message of a kind when a rule gives none.
+    pub fn default_for(kind: EventKind) -> Self {
+        let text = match kind {
+            EventKind::HungTask => {
+                "task {comm}:{pid} blocked for more than kernel.hung_task_timeout_secs seconds."
+            }
+            EventKind::OomKill => "Killed process {pid} ({comm})",
+            EventKind::BlockError => "{error} error on dev {device}, sector {sector}, op {op}",
+        };
+        Self::parse(text, kind).unwrap_or(Self { parts: Vec::new() })
+    }
+}
+
+/// Which kernel fault a problem is about, for correlation and de-duplication.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FaultKey {
+    /// A hung task, by pid.
+    HungTask(i32),
+    /// An OOM kill, by the victim's pid.
+    OomKill(i32),
+    /// Block I/O errors, by disk (partitions folded into their disk).
+    BlockError(String),
+}
+
+impl FaultKey {
+    /// The fault behind a structured event.
+    pub fn of_event(event: &KernelEvent) -> Option<Self> {
+        match event {
+            KernelEvent::Log(_) => None,
+            KernelEvent::HungTask(h) => Some(FaultKey::HungTask(h.pid)),
+            KernelEvent::OomKill(o) => Some(FaultKey::OomKill(o.pid)),
+            KernelEvent::BlockError(b) => Some(FaultKey::BlockError(disk_of(
+                &b.device.clone().unwrap_or_else(|| b.dev.to_string()),
+            ))),
+        }
+    }
+
+    /// The fault a kernel message reports, recognised from the kernel's own wording:
+    /// `task dd:1234 blocked for more than ...`, `Killed process 1234 (...)`,
+    /// `I/O error, dev sda, sector ...`, `Buffer I/O error on dev sda1, ...`.
+    pub fn of_message(message: &str) -> Option<Self> {
+        if let Some(i) = message.find(" blocked for more than ") {
+            let head = &message[..i];
+            let task = head.rfind("task ")?;
+            let (_, pid) = head[task + 5..].rsplit_once(':')?;
+            return pid.parse().ok().map(FaultKey::HungTask);
+        }
+        if let Some(i) = message.find("Killed process ") {
+            let rest = &message[i + "Killed process ".len()..];
+            let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            return pid.parse().ok().map(FaultKey::OomKill);
+        }
+        for marker in [" error, dev ", "I/O error on dev ", "I/O error on device "] {
+            if let Some(i) = message.find(marker) {
+                let rest = &message[i + marker.len()..];
+                let dev = rest.split([',', ' ']).next().unwrap_or_default();
+                if !dev.is_empty() {
+                    return Some(FaultKey::BlockError(disk_of(dev)));
+                }
+            }
+        }
+        None
+    }
+
+    /// The event kind this fault is about.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            FaultKey::HungTask(_) => EventKind::HungTask,
+            FaultKey::OomKill(_) => EventKind::OomKill,
+            FaultKey::BlockError(_) => EventKind::BlockError,
+        }
+    }
+}
+
+/// The disk a block device name belongs to: `sda1` -> `sda`, `nvme0n1p2` -> `nvme0n1`,
+/// `mmcblk0p1` -> `mmcblk0`, `loop0p1` -> `loop0`; other names unchanged.
+pub fn disk_of(name: &str) -> String {
+    let b = name.as_bytes();
+    let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+    if digits == 0 || digits == b.len() {
+        return name.to_owned();
+    }
+    let head = &name[..name.len() - digits];
+    if let Some(disk) = head.strip_suffix('p')
+        && disk.as_bytes().last().is_some_and(u8::is_ascii_digit)
+    {
+        return disk.to_owned();
+    }
+    if ["sd", "vd", "xvd", "hd"]
+        .iter()
+        .any(|p| head.starts_with(p))
+        && head.bytes().all(|c| c.is_ascii_lowercase())
+    {
+        return head.to_owned();
+    }
+    name.to_owned()
+}
+
+/// The structured fields of a kernel event as JSON, for the report's extra fields.
+pub fn event_fields(event: &KernelEvent) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(event) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{BlockOp, DevNum};
+
+    fn block(device: Option<&str>) -> KernelEvent {
+        KernelEvent::BlockError(BlockError {
+            device: device.map(str::to_owned),
+            dev: DevNum { major: 7, minor: 0 },
+            sector: 24576,
+            nr_sectors: 8,
+            op: BlockOp::Read,
+            rwbs: "R".into(),
+            error: -5,
+        })
+    }
+
+    #[test]
+    fn templates() {
+        let t =
+            Template::parse("{error} on {device} ({dev}) {{x}}", EventKind::BlockError).unwrap();
+        assert_eq!(t.render(&block(Some("loop0"))), "EIO on loop0 (7:0) {x}");
+        assert_eq!(t.render(&block(None)), "EIO on 7:0 (7:0) {x}");
+        assert!(
+            Template::parse("{nope}", EventKind::HungTask)
+                .unwrap_err()
+                .contains("unknown field {nope}")
+        );
+        assert!(Template::parse("a } b", EventKind::HungTask).is_err());
+        assert!(
+            Template::parse("{pid", EventKind::HungTask)
+                .unwrap_err()
+                .contains("unclosed")
+        );
+        let oom = KernelEvent::OomKill(OomKill {
+            pid: 9,
+            ..Default::default()
+        });
+        assert_eq!(
+            Template::default_for(EventKind::OomKill).render(&oom),
+            "Killed process 9 (?)"
+        );
+    }
+
+    #[test]
+    fn fault_keys_from_kernel_text() {
+        for (msg, key) in [
+            (
+                "INFO: task dd:1234 blocked for more than 120 seconds.",
+                Some(FaultKey::HungTask(1234)),
+            ),
+            (
+                "INFO: task kworker/u8:2:77 blocked for more than 2 seconds.",
+                Some(FaultKey::HungTask(77)),
+            ),
+            (
+                "task my task:5 blocked for more than 2 seconds.",
+                Some(FaultKey::HungTask(5)),
+            ),
+            (
+                "Out of memory: Killed process 1234 (stress) total-vm:10kB, anon-rss:1kB",
+                Some(FaultKey::OomKill(1234)),
+            ),
+            (
+                "Memory cgroup out of memory: Killed process 42 (x) total-vm:1kB",
+                Some(FaultKey::OomKill(42)),
+            ),
+            (
+                "I/O error, dev loop0, sector 24576 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 2",
+                Some(FaultKey::BlockError("loop0".into())),
+            ),
+            (
+                "Buffer I/O error on dev sda1, logical block 3072, async page read",
+                Some(FaultKey::BlockError("sda".into())),
+            ),
+            (
+                "Buffer I/O error on device nvme0n1p2, logical block 1",
+                Some(FaultKey::BlockError("nvme0n1".into())),
+            ),
+            ("EXT4-fs error (device sda1): oops", None),
+        ] {
+            assert_eq!(FaultKey::of_message(msg), key, "{msg:?}");
+        }
+        assert_eq!(
+            FaultKey::of_event(&block(Some("loop0"))),
+            Some(FaultKey::BlockError("loop0".into()))
+        );
+    }
+
+    #[test]
+    fn disks() {
+        for (part, disk) in [
+            ("sda1", "sda"),
+            ("sda", "sda"),
+            ("vdb12", "vdb"),
+            ("xvda1", "xvda"),
+            ("nvme0n1p2", "nvme0n1"),
+            ("nvme0n1", "nvme0n1"),
+            ("mmcblk0p1", "mmcblk0"),
+            ("loop0", "loop0"),
+            ("loop0p1", "loop0"),
+            ("dm-3", "dm-3"),
+            ("7:0", "7:0"),
+        ] {
+            assert_eq!(disk_of(part), disk, "{part}");
+        }
+    }
+}
