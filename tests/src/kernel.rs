@@ -151,7 +151,11 @@ impl Frozen {
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        let _ = Command::new("fsfreeze").args(["-u", &self.0.to_string_lossy()]).status();
+        // Already thawed is fine (a test may have thawed it to finish cleanly).
+        let _ = Command::new("fsfreeze")
+            .args(["-u", &self.0.to_string_lossy()])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod faults;
 pub mod kernel;
 
 use std::sync::{Mutex, MutexGuard};

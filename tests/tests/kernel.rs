@@ -3,34 +3,25 @@
 //! every piece of kernel state back, also when they fail.
 
 use std::{
-    io::{BufRead as _, BufReader},
     os::unix::process::CommandExt as _,
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use npd_tests::{
     agent::{Agent, agent_binary, is_kernel_event},
+    faults::{HungWriter, failed_read, oom_kill},
     have_root,
-    kernel::{ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file, write_kmsg},
+    kernel::{Sysctl, write_kmsg},
     serial, unique,
 };
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn hog() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_npd-test-hog"))
-}
-
-/// Starts a hog and waits until it says it is about to misbehave.
-fn start_hog(cmd: &mut Command) -> ChildGuard {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("starting npd-test-hog");
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("reading npd-test-hog");
-    assert_eq!(line.trim(), "ready", "npd-test-hog did not start");
-    ChildGuard(Some(child))
+fn hog() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_npd-test-hog"))
 }
 
 fn kmsg_message_arrives_exactly(source: &str) {
@@ -69,12 +60,7 @@ fn oom_kill_reports_victim_pid_and_comm() {
         return;
     }
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
-    let cgroup = MemCgroup::new(32);
-    let mut victim = start_hog(hog().args(["oom", &cgroup.0.to_string_lossy(), "200"]));
-    let pid = victim.pid();
-    let status = victim.wait(WAIT);
-    use std::os::unix::process::ExitStatusExt as _;
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    let pid = oom_kill(hog());
     let event = agent.wait_for(WAIT, "oom_kill of the hog", |v| is_kernel_event(v, "oom_kill") && v["pid"] == pid);
     assert_eq!(event["comm"], "npd-test-hog");
     // This kernel's mark_victim has the 2024 fields: the victim had ~32 MiB resident.
@@ -87,25 +73,11 @@ fn oom_kill_reports_victim_pid_and_comm() {
 /// A writer blocked on a frozen ext4 file system; `warnings` is `hung_task_warnings`.
 fn hung_task_is_reported(warnings: &str) {
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
-    let dir = TempDir::new("npd-hung");
-    let image = dir.join("fs.img");
-    sized_file(&image, 32);
-    run("mkfs.ext4", &["-q", "-F", &image.to_string_lossy()]);
-    let dev = LoopDevice::attach(&image);
-    let mnt = Mount::new(&dev.path, &dir.join("mnt"));
-    // Drop order (reverse of declaration): restore sysctls, thaw, then reap the writer, unmount.
-    let mut writer = ChildGuard::default();
-    let frozen = Frozen::new(&mnt.0);
-    writer.0 = start_hog(hog().args(["write", &mnt.0.join("file").to_string_lossy()])).0.take();
-    let _warnings = Sysctl::set("kernel/hung_task_warnings", warnings);
-    let _timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
+    let writer = HungWriter::start(hog(), warnings);
     let pid = writer.pid();
     let event = agent.wait_for(WAIT, "hung_task of the writer", |v| is_kernel_event(v, "hung_task") && v["pid"] == pid);
     assert_eq!(event["comm"], "npd-test-hog");
-    drop(_timeout);
-    drop(_warnings);
-    drop(frozen);
-    assert!(writer.wait(WAIT).success(), "the writer failed after thaw");
+    writer.finish();
     assert!(agent.stop().status.success());
 }
 
@@ -134,17 +106,8 @@ fn failed_block_read_reports_device_sector_op_and_error() {
         return;
     }
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
-    let dir = TempDir::new("npd-blk");
-    let file = dir.join("disk.img");
-    sized_file(&file, 16);
-    let dev = LoopDevice::attach(&file);
-    sized_file(&file, 8);
-    let out = Command::new("dd")
-        .args([&format!("if={}", dev.path), "of=/dev/null", "bs=4k", "skip=3072", "count=1", "iflag=direct"])
-        .output()
-        .expect("running dd");
-    assert!(!out.status.success(), "the read past the end should fail");
-    let name = dev.name().to_string();
+    let failed = failed_read();
+    let name = failed.dev.name().to_string();
     let event = agent.wait_for(WAIT, "block_error on the loop device", |v| is_kernel_event(v, "block_error") && v["device"] == name.as_str());
     assert_eq!(event["sector"], 24576);
     assert_eq!(event["op"], "READ");

@@ -1,0 +1,113 @@
+//! The real kernel faults the tests make happen, each leaving the kernel as it found it (the
+//! guards in [`crate::kernel`] undo every step, also when a test panics).
+
+use std::{
+    io::{BufRead as _, BufReader},
+    os::unix::process::ExitStatusExt as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::kernel::{ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Starts `npd-test-hog` (path given by the test: `env!("CARGO_BIN_EXE_npd-test-hog")`) and
+/// waits until it says it is about to misbehave.
+pub fn start_hog(hog: &Path, args: &[&str]) -> ChildGuard {
+    let mut child = Command::new(hog)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", hog.display()));
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("reading npd-test-hog");
+    assert_eq!(line.trim(), "ready", "npd-test-hog did not start");
+    ChildGuard(Some(child))
+}
+
+/// Makes the OOM killer of a fresh 32 MiB memory cgroup kill a hog that allocates 200 MiB.
+/// Returns the victim's pid once it is dead.
+pub fn oom_kill(hog: &Path) -> u32 {
+    let cgroup = MemCgroup::new(32);
+    let mut victim = start_hog(hog, &["oom", &cgroup.0.to_string_lossy(), "200"]);
+    let pid = victim.pid();
+    let status = victim.wait(WAIT);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    pid
+}
+
+/// A writer stuck in D state on a frozen, loop-mounted ext4, with the hung-task detector set
+/// to 2 s. Dropping it restores the sysctls, thaws, reaps the writer, unmounts and detaches.
+pub struct HungWriter {
+    // Fields drop in declaration order: sysctls, thaw, writer, mount, loop device, files.
+    _timeout: Sysctl,
+    _warnings: Sysctl,
+    _frozen: Frozen,
+    writer: ChildGuard,
+    _mount: Mount,
+    _dev: LoopDevice,
+    _dir: TempDir,
+}
+
+impl HungWriter {
+    /// Starts it; `warnings` is `kernel.hung_task_warnings` (0: the kernel prints nothing).
+    pub fn start(hog: &Path, warnings: &str) -> HungWriter {
+        let dir = TempDir::new("npd-hung");
+        let image = dir.join("fs.img");
+        sized_file(&image, 32);
+        run("mkfs.ext4", &["-q", "-F", &image.to_string_lossy()]);
+        let dev = LoopDevice::attach(&image);
+        let mount = Mount::new(&dev.path, &dir.join("mnt"));
+        let frozen = Frozen::new(&mount.0);
+        let writer = start_hog(hog, &["write", &mount.0.join("file").to_string_lossy()]);
+        let warnings = Sysctl::set("kernel/hung_task_warnings", warnings);
+        let timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
+        HungWriter {
+            _timeout: timeout,
+            _warnings: warnings,
+            _frozen: frozen,
+            writer,
+            _mount: mount,
+            _dev: dev,
+            _dir: dir,
+        }
+    }
+
+    /// The stuck writer's pid.
+    pub fn pid(&self) -> u32 {
+        self.writer.pid()
+    }
+
+    /// Thaws, and checks that the writer then completes.
+    pub fn finish(mut self) {
+        let _ = Command::new("fsfreeze").args(["-u", &self._mount.0.to_string_lossy()]).status();
+        assert!(self.writer.wait(WAIT).success(), "the writer failed after thaw");
+    }
+}
+
+/// A loop device whose backing file was shrunk under it, after one failed direct read past the
+/// new end (sector 24576). Keep it until the event was checked: the device name is resolved
+/// while the device exists.
+pub struct FailedRead {
+    /// The loop device.
+    pub dev: LoopDevice,
+    _dir: TempDir,
+}
+
+/// Makes one block read fail: `block_rq_error` fires once with -EIO.
+pub fn failed_read() -> FailedRead {
+    let dir = TempDir::new("npd-blk");
+    let file = dir.join("disk.img");
+    sized_file(&file, 16);
+    let dev = LoopDevice::attach(&file);
+    sized_file(&file, 8);
+    let out = Command::new("dd")
+        .args([&format!("if={}", dev.path), "of=/dev/null", "bs=4k", "skip=3072", "count=1", "iflag=direct"])
+        .output()
+        .expect("running dd");
+    assert!(!out.status.success(), "the read past the end should fail");
+    FailedRead { dev, _dir: dir }
+}
