@@ -8,5 +8,8 @@
 pub mod cli;
 pub mod commands;
 pub mod event;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod problem;
 pub mod sensor;

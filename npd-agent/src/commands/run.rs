@@ -2,22 +2,31 @@
 
 use std::{
     io::Write as _,
+    net::SocketAddr,
     process::ExitCode,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
 
 use crate::{
-    cli::RunArgs,
+    cli::{LogFormat, RunArgs},
     event::KernelEvent,
+    health::{ConditionBoard, Health},
+    http::{self, DebugControls, HealthRoutes, MetricsRoutes},
+    metrics::Metrics,
+    problem::Report,
     sensor::{EVENT_KINDS, Sensor, SensorConfig},
 };
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    init_tracing();
+    init_tracing(args.log_format, args.log_level.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -26,14 +35,41 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(run(args))
 }
 
-fn init_tracing() {
+/// Logs go to stderr (stdout carries the JSON lines), as text or JSON, filtered by
+/// `--log-level`, else `RUST_LOG`, else `info`.
+fn init_tracing(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr: stdout carries the JSON lines.
-    let _ = tracing_subscriber::fmt()
+    let filter = match level {
+        Some(level) => {
+            EnvFilter::try_new(level).with_context(|| format!("--log-level {level:?}"))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    Ok(())
+}
+
+/// Where reports go: stdout JSON lines (standalone), metrics, `/conditions`.
+struct Publisher {
+    metrics: Arc<Metrics>,
+    conditions: Arc<ConditionBoard>,
+}
+
+impl Publisher {
+    /// The one place a report is exported: every exporter sees it, in order.
+    fn publish(&self, report: &Report, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+        self.metrics.observe_report(report);
+        self.conditions.observe_report(report);
+        let line = serde_json::to_string(report).context("encoding a report")?;
+        writeln!(out, "{line}").context("writing to stdout")?;
+        Ok(())
+    }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -42,21 +78,70 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.kmsg_path = args.kmsg_path.clone();
     config.ring_buffer_size = args.ring_buffer_size;
     let mut sensor = Sensor::start(&config)?;
-    tracing::info!(
-        source = sensor.source.as_str(),
-        attached = %sensor.attached.join(","),
-        kmsg_reader = sensor.kmsg_reader,
-        "sensor ready"
-    );
+    let probe = sensor.probe();
 
+    let metrics = Arc::new(Metrics::new());
+    metrics.watch_sensor(probe.clone());
+    let conditions = Arc::new(ConditionBoard::new());
+    let health = Arc::new(Health::new(probe.clone(), args.health_loss_window));
+    // Reports injected through the debug endpoint; the rules engine publishes directly.
+    let (report_tx, mut injected) = mpsc::channel::<Report>(1024);
+
+    let mut servers: Vec<JoinHandle<()>> = Vec::new();
+    let health_addr = if args.port == 0 {
+        None
+    } else {
+        let listener =
+            http::bind(SocketAddr::new(args.address, args.port), "--address/--port").await?;
+        let addr = listener.local_addr()?;
+        let debug = args.debug_endpoints.then(|| DebugControls {
+            sensor: probe.clone(),
+            reports: report_tx.clone(),
+        });
+        let routes = HealthRoutes {
+            health: health.clone(),
+            conditions: conditions.clone(),
+            debug,
+        };
+        servers.push(http::serve(listener, Arc::new(routes)));
+        Some(addr)
+    };
+    let metrics_addr = if args.prometheus_port == 0 {
+        None
+    } else {
+        let listener = http::bind(
+            SocketAddr::new(args.prometheus_address, args.prometheus_port),
+            "--prometheus-address/--prometheus-port",
+        )
+        .await?;
+        let addr = listener.local_addr()?;
+        servers.push(http::serve(
+            listener,
+            Arc::new(MetricsRoutes {
+                metrics: metrics.clone(),
+            }),
+        ));
+        Some(addr)
+    };
+    log_startup(&args, &sensor, health_addr, metrics_addr);
+    if args.debug_endpoints && health_addr.is_some() {
+        tracing::warn!(
+            "--debug-endpoints: test controls are enabled under /debug/ on the health port"
+        );
+    }
+
+    let publisher = Publisher {
+        metrics,
+        conditions,
+    };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
-    loop {
+    let signal_name = loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
             event = sensor.events.recv() => {
                 let Some(event) = event else {
                     anyhow::bail!("the sensor stopped: {}", reader_error(&sensor));
@@ -68,22 +153,95 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
                 out.flush().context("writing to stdout")?;
             }
+            Some(report) = injected.recv() => {
+                publisher.publish(&report, &mut out)?;
+                out.flush().context("writing to stdout")?;
+            }
         }
+    };
+
+    // Flush the last state: what the sensor already delivered and every queued report, then
+    // the exporters (stdout here; the Kubernetes exporter's final status write joins here).
+    tracing::info!("{signal_name} received: flushing the last state");
+    while let Ok(event) = sensor.events.try_recv() {
+        handle(&args, &event, &mut out)?;
+    }
+    while let Ok(report) = injected.try_recv() {
+        publisher.publish(&report, &mut out)?;
     }
     if args.kernel_events {
         writeln!(out, "{}", stats_line(&sensor)).context("writing to stdout")?;
     }
     out.flush().context("writing to stdout")?;
+    for server in &servers {
+        server.abort();
+    }
+    let received: u64 = sensor
+        .stats
+        .received
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .sum();
+    let lost = sensor.lost_total();
     drop(sensor);
-    tracing::info!("stopped; eBPF programs detached");
+    tracing::info!(received, lost, "stopped; eBPF programs detached");
     Ok(ExitCode::SUCCESS)
 }
 
-fn handle(args: &RunArgs, event: &KernelEvent, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+/// The one-line startup summary: source, tracepoints, rule files, exporter, listen addresses.
+fn log_startup(
+    args: &RunArgs,
+    sensor: &Sensor,
+    health: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) {
+    let tracepoints = if sensor.attached.is_empty() {
+        "none".to_string()
+    } else {
+        sensor.attached.join(",")
+    };
+    let rules = if args.config.is_empty() {
+        "embedded defaults".to_string()
+    } else {
+        args.config
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let disabled = sensor
+        .disabled
+        .iter()
+        .map(|(tp, _)| tp.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let show = |addr: Option<SocketAddr>, path: &str| {
+        addr.map_or_else(|| "disabled".to_string(), |a| format!("http://{a}{path}"))
+    };
+    tracing::info!(
+        source = sensor.source.as_str(),
+        tracepoints = %tracepoints,
+        tracepoints_disabled = %disabled,
+        kmsg_reader = sensor.kmsg_reader,
+        rules = %rules,
+        exporter = "standalone (JSON lines on stdout)",
+        health = %show(health, "/healthz"),
+        metrics = %show(metrics, "/metrics"),
+        "npd-agent started"
+    );
+}
+
+fn handle(
+    args: &RunArgs,
+    event: &KernelEvent,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
     if args.kernel_events {
         let mut line = serde_json::Map::new();
         line.insert("kind".into(), "kernel".into());
-        if let serde_json::Value::Object(fields) = serde_json::to_value(event).context("encoding an event")? {
+        if let serde_json::Value::Object(fields) =
+            serde_json::to_value(event).context("encoding an event")?
+        {
             line.extend(fields);
         }
         writeln!(out, "{}", serde_json::Value::Object(line)).context("writing to stdout")?;
@@ -122,6 +280,7 @@ fn stats_line(sensor: &Sensor) -> serde_json::Value {
         "kmsg_lost": stats.kmsg_lost.load(Ordering::Relaxed),
         "kmsg_overruns": stats.kmsg_overruns.load(Ordering::Relaxed),
         "decode_errors": stats.decode_errors.load(Ordering::Relaxed),
+        "reader_restarts": stats.reader_restarts.load(Ordering::Relaxed),
         "lost": sensor.lost_total(),
     })
 }
