@@ -2,7 +2,7 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 /// npd: eBPF kernel problem sensor for Kubernetes nodes.
 #[derive(Debug, Parser)]
@@ -71,6 +71,20 @@ pub struct RunArgs {
     /// The kernel log device read by the `/dev/kmsg` source.
     #[arg(long, default_value = "/dev/kmsg", value_name = "FILE", hide = true)]
     pub kmsg_path: PathBuf,
+    /// Export to Kubernetes when a cluster is configured (in-cluster service account,
+    /// `--kubeconfig` or `KUBECONFIG`); `false` always runs standalone.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
+    pub enable_k8s_exporter: bool,
+    /// Kubeconfig file giving cluster access (else `KUBECONFIG`, else the in-cluster service
+    /// account).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The Node's name (else `NODE_NAME`, else the host name).
+    #[arg(long, value_name = "NAME")]
+    pub hostname_override: Option<String>,
+    /// How often npd's Node conditions are re-written to refresh `lastHeartbeatTime`.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub k8s_exporter_heartbeat_period: Duration,
     /// Address of the health server (`/healthz`, `/conditions`), as NPD's `--address`.
     #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
     pub address: IpAddr,
@@ -186,6 +200,36 @@ mod tests {
         assert_eq!(cli.run.log_format, LogFormat::Json);
         assert_eq!(cli.run.log_level.as_deref(), Some("debug"));
         assert_eq!(cli.run.health_loss_window, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn kubernetes_flags_as_npd_spells_them() {
+        let cli = Cli::try_parse_from(["npd-agent"]).unwrap();
+        assert!(cli.run.enable_k8s_exporter);
+        assert_eq!(
+            cli.run.k8s_exporter_heartbeat_period,
+            Duration::from_secs(300)
+        );
+        assert_eq!(cli.run.kubeconfig, None);
+        let cli = Cli::try_parse_from([
+            "npd-agent",
+            "--enable-k8s-exporter=false",
+            "--kubeconfig=/etc/kubeconfig",
+            "--hostname-override",
+            "node-1",
+            "--k8s-exporter-heartbeat-period=1m30s",
+        ])
+        .unwrap();
+        assert!(!cli.run.enable_k8s_exporter);
+        assert_eq!(cli.run.kubeconfig, Some(PathBuf::from("/etc/kubeconfig")));
+        assert_eq!(cli.run.hostname_override.as_deref(), Some("node-1"));
+        assert_eq!(
+            cli.run.k8s_exporter_heartbeat_period,
+            Duration::from_secs(90)
+        );
+        assert!(
+            Cli::try_parse_from(["npd-agent", "--k8s-exporter-heartbeat-period=often"]).is_err()
+        );
     }
 
     #[test]

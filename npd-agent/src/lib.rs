@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod commands;
 pub mod event;
+pub mod exporter;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -3,8 +3,7 @@
 //!
 //! Problem metrics are pushed as reports happen ([`Metrics::observe_report`]). Everything else
 //! is pulled from its owner at scrape time (a [`SensorProbe`], and closures returning
-//! [`EngineCounters`] / [`ExporterCounters`]): nothing polls, and nothing is copied between
-//! scrapes.
+//! [`EngineCounters`] / [`K8sStats`]): nothing polls, and nothing is copied between scrapes.
 //!
 //! NPD compatibility (checked against NPD's `pkg/problemmetrics` and its OpenCensus and
 //! OpenTelemetry Prometheus exporters, which both keep the names without `_total` or unit
@@ -32,6 +31,7 @@ use prometheus::{
 };
 
 use crate::{
+    exporter::k8s::{ApiCall, K8sStats, LATENCY_BUCKETS},
     problem::{ConditionStatus, Report},
     sensor::{ActiveSource, EVENT_KINDS, SensorProbe},
 };
@@ -53,21 +53,6 @@ pub struct EngineCounters {
     pub match_nanos: u64,
 }
 
-/// The Kubernetes exporter's counters, read at scrape time.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ExporterCounters {
-    /// API writes (status patches, event creates and patches) that succeeded.
-    pub api_writes_ok: u64,
-    /// API writes that failed (each failed attempt, retries included).
-    pub api_writes_failed: u64,
-    /// Sum of the latency of every API write counted above, in seconds.
-    pub api_write_seconds: f64,
-    /// Events folded into an earlier one (count bumped instead of a new Event).
-    pub events_aggregated: u64,
-    /// Events not posted at all (rate limits, spam filter).
-    pub events_suppressed: u64,
-}
-
 type Pull<T> = Box<dyn Fn() -> T + Send + Sync>;
 
 /// The sources read at scrape time.
@@ -75,7 +60,7 @@ type Pull<T> = Box<dyn Fn() -> T + Send + Sync>;
 struct Sources {
     sensor: Option<SensorProbe>,
     engine: Option<Pull<EngineCounters>>,
-    exporter: Option<Pull<ExporterCounters>>,
+    exporter: Option<Pull<K8sStats>>,
 }
 
 /// All of npd's metrics, in one registry. Share it as `Arc<Metrics>`.
@@ -201,8 +186,9 @@ impl Metrics {
             .engine = Some(Box::new(read));
     }
 
-    /// Reads the Kubernetes exporter's counters at every scrape from now on.
-    pub fn watch_exporter(&self, read: impl Fn() -> ExporterCounters + Send + Sync + 'static) {
+    /// Reads the Kubernetes exporter's counters at every scrape from now on (e.g.
+    /// `K8sHandle::stats_reader()`).
+    pub fn watch_exporter(&self, read: impl Fn() -> K8sStats + Send + Sync + 'static) {
         self.sources
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -294,24 +280,49 @@ const NPD_FAMILIES: &[(&str, &str, MetricType)] = &[
         MetricType::COUNTER,
     ),
     (
-        "npd_api_writes_total",
-        "Kubernetes API writes, by result (success, failure).",
+        "npd_k8s_api_calls_total",
+        "Kubernetes API calls, by call and result (success, failure).",
         MetricType::COUNTER,
     ),
     (
-        "npd_api_write_duration_seconds",
-        "Latency of Kubernetes API writes.",
-        MetricType::SUMMARY,
+        "npd_k8s_api_call_duration_seconds",
+        "Latency of Kubernetes API calls, successful or not.",
+        MetricType::HISTOGRAM,
     ),
     (
-        "npd_events_aggregated_total",
-        "Kubernetes Events folded into an earlier one (count incremented).",
+        "npd_k8s_api_available",
+        "Whether the last Kubernetes API call succeeded.",
+        MetricType::GAUGE,
+    ),
+    (
+        "npd_k8s_node_adopted",
+        "Whether the Node was read and the conditions npd owns adopted.",
+        MetricType::GAUGE,
+    ),
+    (
+        "npd_k8s_events_received_total",
+        "Problem occurrences handed to the Kubernetes exporter.",
         MetricType::COUNTER,
     ),
     (
-        "npd_events_suppressed_total",
-        "Kubernetes Events not posted (rate limited or filtered).",
+        "npd_k8s_events_created_total",
+        "Kubernetes Events created.",
         MetricType::COUNTER,
+    ),
+    (
+        "npd_k8s_events_aggregated_total",
+        "Occurrences folded into an existing Kubernetes Event (its count incremented).",
+        MetricType::COUNTER,
+    ),
+    (
+        "npd_k8s_events_suppressed_total",
+        "Occurrences not posted as Kubernetes Events, by reason (queue_full, rejected, shutdown).",
+        MetricType::COUNTER,
+    ),
+    (
+        "npd_k8s_events_queued",
+        "Kubernetes Events waiting to be posted.",
+        MetricType::GAUGE,
     ),
 ];
 
@@ -377,12 +388,30 @@ impl Family {
         self
     }
 
-    fn summary(mut self, count: u64, sum: f64) -> Self {
-        let mut metric = Self::metric(&[]);
-        let mut summary = proto::Summary::default();
-        summary.set_sample_count(count);
-        summary.set_sample_sum(sum);
-        metric.set_summary(summary);
+    fn histogram(
+        mut self,
+        labels: &[(&str, &str)],
+        cumulative: &[u64],
+        count: u64,
+        sum: f64,
+    ) -> Self {
+        let mut metric = Self::metric(labels);
+        let mut histogram = proto::Histogram::default();
+        histogram.set_sample_count(count);
+        histogram.set_sample_sum(sum);
+        histogram.set_bucket(
+            LATENCY_BUCKETS
+                .iter()
+                .zip(cumulative)
+                .map(|(bound, n)| {
+                    let mut bucket = proto::Bucket::default();
+                    bucket.set_upper_bound(*bound);
+                    bucket.set_cumulative_count(*n);
+                    bucket
+                })
+                .collect(),
+        );
+        metric.set_histogram(histogram);
         self.family.mut_metric().push(metric);
         self
     }
@@ -421,25 +450,61 @@ impl Collector for NpdCollector {
             );
         }
         if let Some(exporter) = &sources.exporter {
-            let c = exporter();
-            out.push(
-                Family::new("npd_api_writes_total")
-                    .sample(&[("result", "success")], c.api_writes_ok as f64)
-                    .sample(&[("result", "failure")], c.api_writes_failed as f64),
-            );
-            out.push(
-                Family::new("npd_api_write_duration_seconds")
-                    .summary(c.api_writes_ok + c.api_writes_failed, c.api_write_seconds),
-            );
-            out.push(
-                Family::new("npd_events_aggregated_total").sample(&[], c.events_aggregated as f64),
-            );
-            out.push(
-                Family::new("npd_events_suppressed_total").sample(&[], c.events_suppressed as f64),
-            );
+            collect_exporter(&exporter(), &mut out);
         }
         out.into_iter().map(|f| f.family).collect()
     }
+}
+
+fn collect_exporter(stats: &K8sStats, out: &mut Vec<Family>) {
+    let mut calls = Family::new("npd_k8s_api_calls_total");
+    let mut latency = Family::new("npd_k8s_api_call_duration_seconds");
+    for call in ApiCall::ALL {
+        let c = stats.call(call);
+        calls = calls
+            .sample(
+                &[("call", call.as_str()), ("result", "success")],
+                c.ok as f64,
+            )
+            .sample(
+                &[("call", call.as_str()), ("result", "failure")],
+                c.failed as f64,
+            );
+        latency = latency.histogram(
+            &[("call", call.as_str())],
+            &c.latency_buckets,
+            c.ok + c.failed,
+            c.latency_sum_seconds,
+        );
+    }
+    out.push(calls);
+    out.push(latency);
+    let flag = |b: bool| f64::from(u8::from(b));
+    out.push(Family::new("npd_k8s_api_available").sample(&[], flag(stats.api_available)));
+    out.push(Family::new("npd_k8s_node_adopted").sample(&[], flag(stats.node_adopted)));
+    out.push(
+        Family::new("npd_k8s_events_received_total").sample(&[], stats.events_received as f64),
+    );
+    out.push(Family::new("npd_k8s_events_created_total").sample(&[], stats.events_created as f64));
+    out.push(
+        Family::new("npd_k8s_events_aggregated_total").sample(&[], stats.events_aggregated as f64),
+    );
+    out.push(
+        Family::new("npd_k8s_events_suppressed_total")
+            .sample(
+                &[("reason", "queue_full")],
+                stats.events_dropped_queue_full as f64,
+            )
+            .sample(
+                &[("reason", "rejected")],
+                stats.events_dropped_rejected as f64,
+            )
+            .sample(
+                &[("reason", "shutdown")],
+                stats.events_dropped_at_shutdown as f64,
+            ),
+    );
+    out.push(Family::new("npd_k8s_events_queued").sample(&[], stats.events_queued as f64));
 }
 
 fn collect_sensor(sensor: &SensorProbe, out: &mut Vec<Family>) {
@@ -630,7 +695,7 @@ mod tests {
         assert!(
             lines(
                 &metrics,
-                &["npd_problems_reported_total", "npd_api_writes_total"]
+                &["npd_problems_reported_total", "npd_k8s_api_calls_total"]
             )
             .is_empty()
         );
@@ -641,12 +706,18 @@ mod tests {
             problems_deduplicated: 2,
             match_nanos: 1_500_000_000,
         });
-        metrics.watch_exporter(|| ExporterCounters {
-            api_writes_ok: 3,
-            api_writes_failed: 1,
-            api_write_seconds: 0.25,
-            events_aggregated: 4,
-            events_suppressed: 5,
+        metrics.watch_exporter(|| {
+            let mut stats = K8sStats {
+                events_aggregated: 4,
+                events_dropped_queue_full: 5,
+                ..K8sStats::default()
+            };
+            let status = &mut stats.calls[ApiCall::PatchNodeStatus as usize];
+            status.ok = 3;
+            status.failed = 1;
+            status.latency_sum_seconds = 0.25;
+            status.latency_buckets = [1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4];
+            stats
         });
         reported.store(7, Ordering::Relaxed);
         let text = metrics.encode();
@@ -654,13 +725,17 @@ mod tests {
             "npd_problems_reported_total 7",
             "npd_problems_deduplicated_total 2",
             "npd_rule_match_seconds_total 1.5",
-            "npd_api_writes_total{result=\"success\"} 3",
-            "npd_api_writes_total{result=\"failure\"} 1",
-            "npd_api_write_duration_seconds_sum 0.25",
-            "npd_api_write_duration_seconds_count 4",
-            "npd_events_aggregated_total 4",
-            "npd_events_suppressed_total 5",
-            "# TYPE npd_api_write_duration_seconds summary",
+            "npd_k8s_api_calls_total{call=\"patch_node_status\",result=\"success\"} 3",
+            "npd_k8s_api_calls_total{call=\"patch_node_status\",result=\"failure\"} 1",
+            "npd_k8s_api_calls_total{call=\"create_event\",result=\"success\"} 0",
+            "# TYPE npd_k8s_api_call_duration_seconds histogram",
+            "npd_k8s_api_call_duration_seconds_bucket{call=\"patch_node_status\",le=\"0.005\"} 1",
+            "npd_k8s_api_call_duration_seconds_bucket{call=\"patch_node_status\",le=\"+Inf\"} 4",
+            "npd_k8s_api_call_duration_seconds_sum{call=\"patch_node_status\"} 0.25",
+            "npd_k8s_api_call_duration_seconds_count{call=\"patch_node_status\"} 4",
+            "npd_k8s_events_aggregated_total 4",
+            "npd_k8s_events_suppressed_total{reason=\"queue_full\"} 5",
+            "npd_k8s_api_available 0",
         ] {
             assert!(
                 text.lines().any(|l| l == expected),

@@ -15,14 +15,18 @@
 # What `up` leaves in DIR:
 #   env                 shell-sourceable: APISERVER_URL APISERVER_PORT ETCD_PORT APISERVER_PID
 #                       ETCD_PID (and ETCD_PEER_PORT CLUSTER_DIR KUBECONFIG_FILE CA_FILE
-#                       ADMIN_TOKEN_FILE)
+#                       ADMIN_TOKEN_FILE, and KUBECACHEDIR which, exported, keeps kubectl's
+#                       discovery cache in DIR rather than ~/.kube). Source it by path
+#                       (`. "$DIR/env"`): a bare `source env` runs bash's PATH lookup and
+#                       finds /usr/bin/env. A PID is empty while that process is stopped.
 #   kubeconfig          admin (group system:masters) via bearer token, CA embedded,
 #                       server https://127.0.0.1:PORT
 #   ca.crt admin-token  the CA that signed the serving certificate (SAN 127.0.0.1, localhost)
 #                       and the admin bearer token
 #   etcd.log kube-apiserver.log   process logs (appended to by start-apiserver)
 #   kube-apiserver.cmd  the exact kube-apiserver command line (bash array), reused on restart
-#   plus keys/certificates, tokens.csv and etcd-data/ (removed by `down`).
+#   plus keys and certificates, tokens.csv, and etcd-data/ (which `down` removes; `down`
+#   leaves the other files for inspection, and `up` regenerates them all).
 #
 # The API server is upstream v1.20.2 with RBAC (--authorization-mode=RBAC), the ServiceAccount
 # admission plugin off, TokenRequest on, no insecure port and no endpoint reconciler. Progress
@@ -71,11 +75,18 @@ APISERVER_URL='' APISERVER_PORT='' ETCD_PORT='' ETCD_PEER_PORT='' APISERVER_PID=
 # True when PID is a live (non-zombie) process running NAME with this DIR in its arguments,
 # so a stale pid that was reused by something else is never signalled.
 proc_matches() {
-    local pid=$1 name=$2 cmdline argv0
+    local pid=$1 name=$2 comm args a
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    cmdline=$(tr '\0' '\n' 2>/dev/null </proc/"$pid"/cmdline) || return 1
-    argv0=${cmdline%%$'\n'*}
-    [[ ${argv0##*/} == "$name" && $cmdline == *"$DIR/"* ]]
+    # Builtins only (no forks): find_procs calls this for every process on the machine.
+    IFS= read -r comm 2>/dev/null </proc/"$pid"/comm || return 1
+    [[ $comm == "${name:0:15}" ]] || return 1
+    mapfile -d '' -t args 2>/dev/null </proc/"$pid"/cmdline || return 1
+    # A zombie has an empty command line.
+    ((${#args[@]} > 0)) && [[ ${args[0]##*/} == "$name" ]] || return 1
+    for a in "${args[@]:1}"; do
+        [[ $a == *"$DIR/"* ]] && return 0
+    done
+    return 1
 }
 
 # Every live NAME process that belongs to DIR (also ones whose pid never reached the env file).
@@ -122,12 +133,26 @@ spawn() {
         for v in $(compgen -e); do
             if [[ $v == ETCD_* ]]; then unset "$v"; fi
         done
-        # etcd 3.4 refuses to start on e.g. arm64 unless told this.
-        ETCD_UNSUPPORTED_ARCH=$(dpkg --print-architecture 2>/dev/null || uname -m)
-        export ETCD_UNSUPPORTED_ARCH
+        # etcd 3.4 supports only amd64 and ppc64le officially; elsewhere (arm64...) it
+        # refuses to start unless ETCD_UNSUPPORTED_ARCH names the Go architecture.
+        case $(dpkg --print-architecture 2>/dev/null) in
+        amd64 | ppc64el | '') ;;
+        i386) export ETCD_UNSUPPORTED_ARCH=386 ;;
+        armhf | armel) export ETCD_UNSUPPORTED_ARCH=arm ;;
+        *) ETCD_UNSUPPORTED_ARCH=$(dpkg --print-architecture) && export ETCD_UNSUPPORTED_ARCH ;;
+        esac
         exec "$@" </dev/null >>"$logf" 2>&1 9<&-
     ) &
     SPAWNED_PID=$!
+    # Until the subshell has exec'd, the pid does not look like NAME yet: wait for that (or
+    # for the exec to fail), so later liveness checks cannot mistake it for a dead server.
+    local name=${1##*/} i stat
+    for ((i = 0; i < 200; i++)); do
+        proc_matches "$SPAWNED_PID" "$name" && return 0
+        stat=$(cat /proc/"$SPAWNED_PID"/stat 2>/dev/null) || return 0
+        [[ ${stat##*) } == Z* ]] && return 0
+        sleep 0.02
+    done
 }
 
 log_tail() {
@@ -148,6 +173,7 @@ write_env() {
         printf 'KUBECONFIG_FILE=%q\n' "$KUBECONFIG_FILE"
         printf 'CA_FILE=%q\n' "$CA_FILE"
         printf 'ADMIN_TOKEN_FILE=%q\n' "$TOKEN_FILE"
+        printf 'KUBECACHEDIR=%q\n' "$DIR/kubectl-cache"
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
 }
@@ -216,6 +242,7 @@ wait_etcd_ready() {
 port_in_use() {
     local files=() f
     for f in /proc/net/tcp /proc/net/tcp6; do [[ -r $f ]] && files+=("$f"); done
+    ((${#files[@]} > 0)) || return 1
     awk -v p="$(printf ':%04X' "$1")" -v listening="${2:-}" '
         FNR > 1 && substr($2, length($2) - 4) == p && (listening == "" || $4 == "0A") {
             found = 1
@@ -265,7 +292,7 @@ keyUsage = critical, keyCertSign, cRLSign, digitalSignature
 subjectKeyIdentifier = hash
 [v3_server]
 basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
+keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
@@ -273,10 +300,14 @@ subjectAltName = IP:127.0.0.1, DNS:localhost
 EOF
     (
         umask 077
-        quiet openssl req -x509 -new -newkey rsa:2048 -nodes -sha256 -days 3650 \
+        # ECDSA P-256 for the TLS keys (RSA key generation takes seconds on a busy machine);
+        # the service-account signing key is RSA (RS256), as on real clusters.
+        quiet openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+            -nodes -sha256 -days 3650 \
             -config "$cnf" -extensions v3_ca -subj /CN=npd-test-ca \
             -keyout "$DIR/ca.key" -out "$CA_FILE"
-        quiet openssl req -new -newkey rsa:2048 -nodes -sha256 -config "$cnf" \
+        quiet openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+            -nodes -sha256 -config "$cnf" \
             -subj /CN=kube-apiserver -keyout "$DIR/apiserver.key" -out "$DIR/apiserver.csr"
         quiet openssl x509 -req -sha256 -days 3650 -in "$DIR/apiserver.csr" \
             -CA "$CA_FILE" -CAkey "$DIR/ca.key" -set_serial "0x$(openssl rand -hex 16)" \

@@ -1,1 +1,312 @@
-fn main() {}
+//! `cargo xtask`: everything a newcomer needs, on a fresh machine.
+//!
+//! * `setup`: installs what is missing, idempotently: the nightly toolchain's `rust-src` and
+//!   `bpf-linker` built against the nightly's own LLVM (kept outside the checkout, in
+//!   `$NPD_CACHE` or `~/.cache/npd`, keyed by the nightly's commit so it is rebuilt when the
+//!   nightly changes).
+//! * `build`: setup, then the agent (release, with its eBPF programs embedded).
+//! * `run [-- ARGS]`: build, then run the agent as root (through sudo when not root).
+//! * `test`: setup, then every unit and integration test; the integration tests need root
+//!   (through sudo when not root) and run one at a time.
+//! * `bench`: setup, then the benchmarks (criterion, and the kernel sensor benchmark as root).
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker release known to work with aya 0.14 and LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "npd developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building npd needs (idempotent).
+    Setup {
+        /// Only print the PATH that puts bpf-linker first (for scripts).
+        #[arg(long)]
+        print_path: bool,
+    },
+    /// Build the agent (release).
+    Build,
+    /// Build and run the agent as root; arguments after `--` go to the agent.
+    Run {
+        /// Arguments for `npd-agent`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Run all tests: unit tests, then integration tests as root, one at a time.
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Run the benchmarks and print their numbers.
+    Bench,
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+    match cli.command {
+        Cmd::Setup { print_path } => {
+            let path = setup()?;
+            if print_path {
+                println!("{}", path.to_string_lossy());
+            }
+            Ok(())
+        }
+        Cmd::Build => {
+            let path = setup()?;
+            build_agent(&path, true)
+        }
+        Cmd::Run { args } => {
+            let path = setup()?;
+            build_agent(&path, true)?;
+            let agent = root.join("target/release/npd-agent");
+            let mut cmd = as_root(&agent)?;
+            cmd.args(args);
+            // The agent's exit code is the command's.
+            let status = cmd.status().with_context(|| format!("running {}", agent.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Test { filter } => {
+            let path = setup()?;
+            test(&path, filter)
+        }
+        Cmd::Bench => {
+            let path = setup()?;
+            bench(&path)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A command that runs `program` as root: directly when we are root, else through `sudo -E`.
+fn as_root(program: &Path) -> anyhow::Result<Command> {
+    if is_root() {
+        return Ok(Command::new(program));
+    }
+    if which("sudo").is_none() {
+        bail!("npd needs root (eBPF, tracefs, /dev/kmsg) and sudo is not installed");
+    }
+    let mut cmd = Command::new("sudo");
+    cmd.arg("-E").arg(program);
+    Ok(cmd)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {}", describe(cmd));
+    let status = cmd.status().with_context(|| format!("starting {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {}", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}: {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NPD_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("npd");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/npd")
+}
+
+/// Installs the nightly's rust-src and bpf-linker when missing; returns PATH with bpf-linker
+/// first.
+fn setup() -> anyhow::Result<OsString> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the eBPF programs")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+            .context("the eBPF programs need a nightly toolchain")?;
+    }
+    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let field = |name: &str| {
+        version
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .with_context(|| format!("`rustc +nightly -vV` has no `{name}` line"))
+    };
+    let commit = field("commit-hash:")?;
+    let llvm_major = field("LLVM version:")?
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let dir = cache_dir().join(format!("bpf-linker-{}", &commit[..commit.len().min(12)]));
+    let linker = dir.join("bin/bpf-linker");
+    let works = linker.is_file()
+        && Command::new(&linker)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !works {
+        install_bpf_linker(&dir, &llvm_major)?;
+    }
+
+    let mut paths = vec![dir.join("bin")];
+    if let Some(existing) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&existing));
+    }
+    Ok(std::env::join_paths(paths)?)
+}
+
+/// Builds bpf-linker against the LLVM library the nightly toolchain ships (no LLVM package of
+/// that version exists for Debian 12), as `shared/KERNEL.md` describes.
+fn install_bpf_linker(dir: &Path, llvm_major: &str) -> anyhow::Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let llvm_lib = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so.") || (name.starts_with("libLLVM-") && name.ends_with(".so")))
+        .with_context(|| format!("no libLLVM in {}", libdir.display()))?;
+    let prefix = dir.join("llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for link in [llvm_lib.as_str(), "libLLVM.so"] {
+        let path = prefix_lib.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(libdir.join(&llvm_lib), &path)
+            .with_context(|| format!("linking {}", path.display()))?;
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major} (a few minutes, once)");
+    run(Command::new("cargo")
+        .args(["+nightly", "install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+        .arg("--root")
+        .arg(dir)
+        .env("LLVM_PREFIX", &prefix)
+        // Build outside the checkout so the workspace's config does not apply.
+        .current_dir(std::env::temp_dir()))
+}
+
+/// `--locked` in CI, so the committed Cargo.lock is what gets built.
+fn locked() -> &'static [&'static str] {
+    if std::env::var_os("CI").is_some() { &["--locked"] } else { &[] }
+}
+
+fn cargo(path: &OsString) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.env("PATH", path);
+    cmd
+}
+
+fn build_agent(path: &OsString, release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo(path);
+    cmd.args(["build", "--package", "npd-agent", "--bins"]).args(locked());
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
+    build_agent(path, false)?;
+    let agent = workspace_root().join("target/debug/npd-agent");
+    let mut cmd = cargo(path);
+    cmd.args(["test", "--workspace"]).args(locked());
+    cmd.env("NPD_AGENT_BIN", &agent);
+    if !is_root() {
+        if which("sudo").is_none() {
+            bail!("the integration tests need root (eBPF, kernel faults) and sudo is not installed");
+        }
+        // Test binaries run through sudo; cargo itself (and target/) stay the user's.
+        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    // Integration tests share kernel state: one at a time.
+    cmd.arg("--");
+    if let Some(filter) = filter {
+        cmd.arg(filter);
+    }
+    cmd.arg("--test-threads=1");
+    run(&mut cmd)
+}
+
+fn bench(path: &OsString) -> anyhow::Result<()> {
+    build_agent(path, true)?;
+    let mut criterion = cargo(path);
+    criterion.args(["bench", "--package", "npd-agent"]).args(locked());
+    run(&mut criterion)?;
+    let mut kernel = cargo(path);
+    kernel.args(["bench", "--package", "npd-tests", "--bench", "sensor"]).args(locked());
+    kernel.env("NPD_AGENT_BIN", workspace_root().join("target/release/npd-agent"));
+    if !is_root() {
+        kernel.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    run(&mut kernel)
+}

@@ -5,6 +5,7 @@ use std::{
     net::SocketAddr,
     process::ExitCode,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -17,10 +18,11 @@ use tokio::{
 use crate::{
     cli::{LogFormat, RunArgs},
     event::KernelEvent,
+    exporter::k8s::{K8sConfig, K8sExporter, K8sHandle, K8sStats},
     health::{ConditionBoard, Health},
     http::{self, DebugControls, HealthRoutes, MetricsRoutes},
     metrics::Metrics,
-    problem::Report,
+    problem::{ConditionChange, Report},
     sensor::{EVENT_KINDS, Sensor, SensorConfig},
 };
 
@@ -55,10 +57,11 @@ fn init_tracing(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where reports go: stdout JSON lines (standalone), metrics, `/conditions`.
+/// Where reports go: Kubernetes (or, standalone, stdout JSON lines), metrics, `/conditions`.
 struct Publisher {
     metrics: Arc<Metrics>,
     conditions: Arc<ConditionBoard>,
+    kubernetes: Option<K8sHandle>,
 }
 
 impl Publisher {
@@ -66,13 +69,21 @@ impl Publisher {
     fn publish(&self, report: &Report, out: &mut impl std::io::Write) -> anyhow::Result<()> {
         self.metrics.observe_report(report);
         self.conditions.observe_report(report);
-        let line = serde_json::to_string(report).context("encoding a report")?;
-        writeln!(out, "{line}").context("writing to stdout")?;
+        match &self.kubernetes {
+            Some(kubernetes) => kubernetes.export(report),
+            None => {
+                let line = serde_json::to_string(report).context("encoding a report")?;
+                writeln!(out, "{line}").context("writing to stdout")?;
+            }
+        }
         Ok(())
     }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // The rules engine provides the initial conditions (every owned one in its default state).
+    let initial: Vec<ConditionChange> = Vec::new();
+    let (kubernetes, exporter_mode) = kubernetes_exporter(&args, initial.clone()).await?;
     let mut config = SensorConfig::new(args.source);
     config.tracefs = args.tracefs.clone();
     config.kmsg_path = args.kmsg_path.clone();
@@ -83,7 +94,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
     metrics.watch_sensor(probe.clone());
     let conditions = Arc::new(ConditionBoard::new());
+    for change in &initial {
+        conditions.set(&change.condition);
+    }
     let health = Arc::new(Health::new(probe.clone(), args.health_loss_window));
+    if let Some(kubernetes) = &kubernetes {
+        let read = Arc::new(kubernetes.stats_reader());
+        let for_metrics = Arc::clone(&read);
+        metrics.watch_exporter(move || for_metrics());
+        let limit = args.k8s_exporter_heartbeat_period;
+        health.watch_exporter(move || exporter_health(&read(), limit));
+    }
     // Reports injected through the debug endpoint; the rules engine publishes directly.
     let (report_tx, mut injected) = mpsc::channel::<Report>(1024);
 
@@ -123,7 +144,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ));
         Some(addr)
     };
-    log_startup(&args, &sensor, health_addr, metrics_addr);
+    log_startup(&args, &sensor, &exporter_mode, health_addr, metrics_addr);
     if args.debug_endpoints && health_addr.is_some() {
         tracing::warn!(
             "--debug-endpoints: test controls are enabled under /debug/ on the health port"
@@ -133,6 +154,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let publisher = Publisher {
         metrics,
         conditions,
+        kubernetes,
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -173,6 +195,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", stats_line(&sensor)).context("writing to stdout")?;
     }
     out.flush().context("writing to stdout")?;
+    if let Some(kubernetes) = publisher.kubernetes {
+        kubernetes.shutdown().await;
+    }
     for server in &servers {
         server.abort();
     }
@@ -188,10 +213,53 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The Kubernetes exporter when a cluster is configured (see [`K8sConfig::from_run_args`]);
+/// `None` means standalone: problems go to stdout as JSON lines. Says which, once.
+/// Also returns the mode for the startup summary.
+async fn kubernetes_exporter(
+    args: &RunArgs,
+    initial: Vec<ConditionChange>,
+) -> anyhow::Result<(Option<K8sHandle>, String)> {
+    let config = K8sConfig::from_run_args(args)
+        .await
+        .context("configuring the Kubernetes exporter")?;
+    let Some(config) = config else {
+        tracing::info!(
+            "no cluster configured (in-cluster service account, --kubeconfig or KUBECONFIG): \
+             running standalone, problems are printed as JSON lines on stdout"
+        );
+        return Ok((None, "standalone (JSON lines on stdout)".into()));
+    };
+    tracing::info!(node = %config.node_name, "exporting to Kubernetes");
+    let mode = format!("kubernetes (node {})", config.node_name);
+    let handle = K8sExporter::start(config, initial).context("starting the Kubernetes exporter")?;
+    Ok((Some(handle), mode))
+}
+
+/// The exporter is stuck when its task is no longer running, or when every API call has failed
+/// for longer than `limit` (the Node's conditions on the API server are then stale).
+fn exporter_health(stats: &K8sStats, limit: Duration) -> Result<(), String> {
+    if !stats.running {
+        return Err("the Kubernetes exporter task is not running".into());
+    }
+    if let Some(since) = stats.api_failing_since
+        && let Ok(failing) = since.elapsed()
+        && failing >= limit
+    {
+        return Err(format!(
+            "every Kubernetes API call has failed for {} (Node status not updated); {} Events queued",
+            humantime::format_duration(Duration::from_secs(failing.as_secs())),
+            stats.events_queued
+        ));
+    }
+    Ok(())
+}
+
 /// The one-line startup summary: source, tracepoints, rule files, exporter, listen addresses.
 fn log_startup(
     args: &RunArgs,
     sensor: &Sensor,
+    exporter: &str,
     health: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
 ) {
@@ -224,7 +292,7 @@ fn log_startup(
         tracepoints_disabled = %disabled,
         kmsg_reader = sensor.kmsg_reader,
         rules = %rules,
-        exporter = "standalone (JSON lines on stdout)",
+        exporter = %exporter,
         health = %show(health, "/healthz"),
         metrics = %show(metrics, "/metrics"),
         "npd-agent started"

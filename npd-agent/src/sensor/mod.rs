@@ -238,6 +238,12 @@ impl Sensor {
                 if console {
                     return Ok(sensor);
                 }
+                if config.source == SourceChoice::Ebpf {
+                    tracing::warn!(
+                        "printk:console is not attached and --source ebpf forbids /dev/kmsg: no kernel messages"
+                    );
+                    return Ok(sensor);
+                }
                 tracing::warn!(
                     "printk:console is not attached: reading kernel messages from {}",
                     config.kmsg_path.display()

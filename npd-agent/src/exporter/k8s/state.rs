@@ -1,0 +1,494 @@
+//! The Kubernetes exporter's bookkeeping, without I/O: which condition state the Node should
+//! have and what it has, the queue of Events waiting to be posted, the Events already posted
+//! (for aggregation), and the retry backoff.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    hash::{BuildHasher as _, Hasher as _},
+    time::{Duration, SystemTime},
+};
+
+use tokio::time::Instant;
+
+use crate::problem::{Condition, ConditionStatus};
+
+/// What matters of a condition for deciding whether the Node must be written: status, reason
+/// and message (the transition time follows them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Written {
+    status: ConditionStatus,
+    reason: String,
+    message: String,
+}
+
+impl Written {
+    fn of(c: &Condition) -> Self {
+        Written {
+            status: c.status,
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The state the Node should have.
+    desired: Condition,
+    /// The state the Node has, as far as npd knows (`None`: unknown or absent).
+    written: Option<Written>,
+}
+
+/// The conditions npd owns on its Node: desired state and last written state, per type.
+#[derive(Debug, Default)]
+pub(super) struct ConditionBook {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl ConditionBook {
+    /// Owns `defaults` (every condition in its default state), none of them written yet.
+    pub(super) fn new(defaults: impl IntoIterator<Item = Condition>) -> Self {
+        let mut book = ConditionBook::default();
+        for c in defaults {
+            book.set(c);
+        }
+        book
+    }
+
+    /// Takes over the state the Node already has for the conditions npd owns, so that an agent
+    /// restart does not flip them back to their defaults. `found` holds the Node's conditions.
+    pub(super) fn adopt(&mut self, found: impl IntoIterator<Item = Condition>) {
+        for c in found {
+            if let Some(entry) = self.entries.get_mut(&c.type_) {
+                entry.written = Some(Written::of(&c));
+                entry.desired = c;
+            }
+        }
+    }
+
+    /// Sets the desired state of one condition (a type not seen before becomes owned too).
+    pub(super) fn set(&mut self, c: Condition) {
+        match self.entries.get_mut(&c.type_) {
+            Some(entry) => {
+                // A repeat of the current state keeps the original transition time.
+                if Written::of(&entry.desired) != Written::of(&c) {
+                    entry.desired = c;
+                }
+            }
+            None => {
+                self.entries.insert(
+                    c.type_.clone(),
+                    Entry {
+                        desired: c,
+                        written: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The conditions whose desired state differs from what the Node has.
+    pub(super) fn dirty(&self) -> Vec<Condition> {
+        self.entries
+            .values()
+            .filter(|e| e.written.as_ref() != Some(&Written::of(&e.desired)))
+            .map(|e| e.desired.clone())
+            .collect()
+    }
+
+    /// Every owned condition in its desired state (a heartbeat writes them all).
+    pub(super) fn all(&self) -> Vec<Condition> {
+        self.entries.values().map(|e| e.desired.clone()).collect()
+    }
+
+    /// Records that the Node now has these states.
+    pub(super) fn mark_written(&mut self, written: &[Condition]) {
+        for c in written {
+            if let Some(entry) = self.entries.get_mut(&c.type_) {
+                entry.written = Some(Written::of(c));
+            }
+        }
+    }
+}
+
+/// What identifies repeats of one Event: same source, type, reason and message.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct EventKey {
+    /// The rule file's `source` (Event `source.component`).
+    pub(super) source: String,
+    /// Event `type`: `Warning` or `Normal`.
+    pub(super) type_: &'static str,
+    pub(super) reason: String,
+    pub(super) message: String,
+}
+
+/// One Event waiting to be posted, with the repeats folded into it while it waited.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct PendingEvent {
+    pub(super) key: EventKey,
+    /// Occurrences (at least 1).
+    pub(super) count: u32,
+    /// When the first and the last occurrence happened.
+    pub(super) first: SystemTime,
+    pub(super) last: SystemTime,
+}
+
+/// What [`EventQueue::push`] did with an occurrence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Pushed {
+    /// Queued as a new Event.
+    Queued,
+    /// Folded into an Event with the same key already waiting.
+    Merged,
+    /// The queue was full: dropped.
+    Dropped,
+}
+
+/// A bounded FIFO of Events waiting to be posted; repeats of a waiting Event are folded into it.
+#[derive(Debug)]
+pub(super) struct EventQueue {
+    items: VecDeque<PendingEvent>,
+    capacity: usize,
+}
+
+impl EventQueue {
+    pub(super) fn new(capacity: usize) -> Self {
+        EventQueue {
+            items: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub(super) fn push(&mut self, key: EventKey, at: SystemTime) -> Pushed {
+        if let Some(waiting) = self.items.iter_mut().find(|e| e.key == key) {
+            waiting.count = waiting.count.saturating_add(1);
+            waiting.last = waiting.last.max(at);
+            return Pushed::Merged;
+        }
+        if self.items.len() >= self.capacity {
+            return Pushed::Dropped;
+        }
+        self.items.push_back(PendingEvent {
+            key,
+            count: 1,
+            first: at,
+            last: at,
+        });
+        Pushed::Queued
+    }
+
+    pub(super) fn pop(&mut self) -> Option<PendingEvent> {
+        self.items.pop_front()
+    }
+
+    /// Puts back an Event that could not be posted, first in line, folding in any repeats
+    /// queued meanwhile. May exceed the capacity by one: nothing already accepted is lost.
+    pub(super) fn requeue(&mut self, mut event: PendingEvent) {
+        if let Some(i) = self.items.iter().position(|e| e.key == event.key) {
+            let later = self.items.remove(i).expect("index from position");
+            event.count = event.count.saturating_add(later.count);
+            event.first = event.first.min(later.first);
+            event.last = event.last.max(later.last);
+        }
+        self.items.push_front(event);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Removes everything; returns the number of occurrences removed.
+    pub(super) fn clear(&mut self) -> u64 {
+        self.items.drain(..).map(|e| u64::from(e.count)).sum()
+    }
+}
+
+/// An Event object already posted, which repeats update instead of creating new ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct PostedEvent {
+    /// `metadata.name` of the Event.
+    pub(super) name: String,
+    /// Its `count`.
+    pub(super) count: u32,
+    /// When it was last created or updated.
+    updated: Instant,
+}
+
+/// The Events posted within the aggregation window, by key. Bounded in size.
+#[derive(Debug)]
+pub(super) struct PostedEvents {
+    by_key: HashMap<EventKey, PostedEvent>,
+    window: Duration,
+}
+
+/// At most this many posted Events are remembered (oldest forgotten first).
+const POSTED_CAPACITY: usize = 4096;
+
+impl PostedEvents {
+    pub(super) fn new(window: Duration) -> Self {
+        PostedEvents {
+            by_key: HashMap::new(),
+            window,
+        }
+    }
+
+    /// The Event posted for `key` and updated within the window, if any.
+    pub(super) fn get(&self, key: &EventKey, now: Instant) -> Option<&PostedEvent> {
+        self.by_key
+            .get(key)
+            .filter(|p| now.saturating_duration_since(p.updated) < self.window)
+    }
+
+    pub(super) fn forget(&mut self, key: &EventKey) {
+        self.by_key.remove(key);
+    }
+
+    /// Records that the Event `name` for `key` now has `count`.
+    pub(super) fn record(&mut self, key: EventKey, name: String, count: u32, now: Instant) {
+        if self.by_key.len() >= POSTED_CAPACITY && !self.by_key.contains_key(&key) {
+            let window = self.window;
+            self.by_key
+                .retain(|_, p| now.saturating_duration_since(p.updated) < window);
+            if self.by_key.len() >= POSTED_CAPACITY
+                && let Some(oldest) = self
+                    .by_key
+                    .iter()
+                    .min_by_key(|(_, p)| p.updated)
+                    .map(|(k, _)| k.clone())
+            {
+                self.by_key.remove(&oldest);
+            }
+        }
+        self.by_key.insert(
+            key,
+            PostedEvent {
+                name,
+                count,
+                updated: now,
+            },
+        );
+    }
+}
+
+/// Exponential backoff with jitter for retries while the API server is unavailable.
+#[derive(Debug)]
+pub(super) struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(super) fn new(min: Duration, max: Duration) -> Self {
+        let max = max.max(min);
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt: doubles from `min` up to `max`, each within ±20%
+    /// so that many agents do not retry in step after an outage.
+    pub(super) fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let factor = 0.8 + 0.4 * (random % 1001) as f64 / 1000.0;
+        base.mul_f64(factor)
+    }
+
+    /// Back to `min` after a success.
+    pub(super) fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cond(type_: &str, status: ConditionStatus, reason: &str, at: u64) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status,
+            reason: reason.into(),
+            message: format!("{reason} message"),
+            transition_time: SystemTime::UNIX_EPOCH + Duration::from_secs(at),
+        }
+    }
+
+    fn types(conds: &[Condition]) -> Vec<(&str, ConditionStatus)> {
+        conds.iter().map(|c| (c.type_.as_str(), c.status)).collect()
+    }
+
+    use ConditionStatus::{False, True};
+
+    #[test]
+    fn defaults_are_dirty_until_written() {
+        let mut book = ConditionBook::new([
+            cond("KernelDeadlock", False, "KernelHasNoDeadlock", 0),
+            cond("ReadonlyFilesystem", False, "FilesystemIsNotReadOnly", 0),
+        ]);
+        assert_eq!(
+            types(&book.dirty()),
+            [("KernelDeadlock", False), ("ReadonlyFilesystem", False)]
+        );
+        let all = book.all();
+        book.mark_written(&all);
+        assert!(book.dirty().is_empty());
+        assert_eq!(
+            book.all().len(),
+            2,
+            "a heartbeat still writes every condition"
+        );
+    }
+
+    #[test]
+    fn adoption_keeps_what_the_node_has() {
+        let mut book = ConditionBook::new([
+            cond("KernelDeadlock", False, "KernelHasNoDeadlock", 0),
+            cond("ReadonlyFilesystem", False, "FilesystemIsNotReadOnly", 0),
+        ]);
+        book.adopt([
+            cond("KernelDeadlock", True, "DockerHung", 7),
+            // Not npd's: ignored.
+            cond("Ready", True, "KubeletReady", 1),
+        ]);
+        // Only the condition the Node lacks needs writing, and never KernelDeadlock=False.
+        assert_eq!(types(&book.dirty()), [("ReadonlyFilesystem", False)]);
+        let all = book.all();
+        assert_eq!(
+            types(&all),
+            [("KernelDeadlock", True), ("ReadonlyFilesystem", False)]
+        );
+        assert_eq!(
+            all[0].transition_time,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn only_the_newest_state_per_condition_matters() {
+        let mut book =
+            ConditionBook::new([cond("KernelDeadlock", False, "KernelHasNoDeadlock", 0)]);
+        let all = book.all();
+        book.mark_written(&all);
+        book.set(cond("KernelDeadlock", True, "DockerHung", 5));
+        book.set(cond("KernelDeadlock", False, "KernelHasNoDeadlock", 6));
+        assert!(
+            book.dirty().is_empty(),
+            "back to what the Node has: nothing to write"
+        );
+        book.set(cond("KernelDeadlock", True, "DockerHung", 7));
+        book.set(cond("KernelDeadlock", True, "DockerHung", 9));
+        let dirty = book.dirty();
+        assert_eq!(types(&dirty), [("KernelDeadlock", True)]);
+        assert_eq!(
+            dirty[0].transition_time,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(7),
+            "a repeat keeps the transition time"
+        );
+        book.set(cond("NewCondition", True, "Something", 8));
+        assert_eq!(
+            types(&book.dirty()),
+            [("KernelDeadlock", True), ("NewCondition", True)]
+        );
+    }
+
+    fn key(reason: &str) -> EventKey {
+        EventKey {
+            source: "kernel-monitor".into(),
+            type_: "Warning",
+            reason: reason.into(),
+            message: "m".into(),
+        }
+    }
+
+    fn at(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn queue_folds_repeats_and_is_bounded() {
+        let mut q = EventQueue::new(2);
+        assert_eq!(q.push(key("A"), at(1)), Pushed::Queued);
+        assert_eq!(q.push(key("B"), at(2)), Pushed::Queued);
+        assert_eq!(q.push(key("A"), at(3)), Pushed::Merged);
+        assert_eq!(q.push(key("C"), at(4)), Pushed::Dropped);
+        let a = q.pop().unwrap();
+        assert_eq!(
+            (a.key.reason.as_str(), a.count, a.first, a.last),
+            ("A", 2, at(1), at(3))
+        );
+        // A failed post goes back first; repeats queued meanwhile are folded in.
+        assert_eq!(q.push(key("A"), at(5)), Pushed::Queued);
+        q.requeue(a);
+        assert_eq!(q.len(), 2);
+        let a = q.pop().unwrap();
+        assert_eq!(
+            (a.key.reason.as_str(), a.count, a.first, a.last),
+            ("A", 3, at(1), at(5))
+        );
+        assert_eq!(q.pop().unwrap().key.reason, "B");
+        assert_eq!(q.pop(), None);
+    }
+
+    #[test]
+    fn posted_events_expire_after_the_window() {
+        let now = Instant::now();
+        let mut posted = PostedEvents::new(Duration::from_secs(600));
+        posted.record(key("A"), "node.1".into(), 1, now);
+        assert_eq!(
+            posted
+                .get(&key("A"), now + Duration::from_secs(599))
+                .unwrap()
+                .name,
+            "node.1"
+        );
+        assert!(
+            posted
+                .get(&key("A"), now + Duration::from_secs(600))
+                .is_none()
+        );
+        assert!(posted.get(&key("B"), now).is_none());
+        posted.forget(&key("A"));
+        assert!(posted.get(&key("A"), now).is_none());
+    }
+
+    #[test]
+    fn posted_events_are_bounded() {
+        let now = Instant::now();
+        let mut posted = PostedEvents::new(Duration::from_secs(600));
+        for i in 0..POSTED_CAPACITY + 10 {
+            posted.record(
+                key(&i.to_string()),
+                format!("n.{i}"),
+                1,
+                now + Duration::from_millis(i as u64),
+            );
+        }
+        assert_eq!(posted.by_key.len(), POSTED_CAPACITY);
+        assert!(
+            posted.get(&key("0"), now).is_none(),
+            "the oldest is forgotten first"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        for (d, base) in delays.iter().zip([100u64, 200, 400, 800, 1000, 1000]) {
+            let base = Duration::from_millis(base);
+            assert!(
+                *d >= base.mul_f64(0.8) && *d <= base.mul_f64(1.2),
+                "{d:?} vs {base:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+}

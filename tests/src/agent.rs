@@ -1,0 +1,185 @@
+//! Runs the real `npd-agent` binary and reads what it prints.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The agent binary: `$NPD_AGENT_BIN`, else the newest `npd-agent` in the workspace's target
+/// directory (`cargo xtask test` builds it first and sets the variable).
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NPD_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    ["release", "debug"]
+        .iter()
+        .map(|profile| target.join(profile).join("npd-agent"))
+        .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok().map(|t| (t, p)))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| panic!("npd-agent not built: run `cargo xtask test` (or set NPD_AGENT_BIN)"))
+}
+
+/// A running agent. Dropping it kills the process.
+pub struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// What a stopped agent left behind.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// The stdout lines not consumed before the stop.
+    pub lines: Vec<Value>,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+impl Agent {
+    /// Starts `npd-agent ARGS...` and waits until it says its sensor is ready.
+    pub fn start(args: &[&str]) -> Agent {
+        Self::start_with(Command::new(agent_binary()).args(args))
+    }
+
+    /// Starts a prepared command (for extra environment) and waits for readiness.
+    pub fn start_with(cmd: &mut Command) -> Agent {
+        let mut child = cmd
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let (line_tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                if line_tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready) = mpsc::channel();
+        let sink = stderr.clone();
+        let err = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("  [agent] {line}");
+                if line.contains("sensor ready") {
+                    let _ = ready_tx.send(());
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        let mut agent = Agent { child, lines, stderr };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if ready.recv_timeout(Duration::from_millis(100)).is_ok() {
+                return agent;
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("npd-agent exited with {status} before it was ready:\n{}", agent.stderr());
+            }
+            if Instant::now() > deadline {
+                panic!("npd-agent not ready after 60 s:\n{}", agent.stderr());
+            }
+        }
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the first stdout line matching `pred`; panics after `timeout` with what was seen.
+    pub fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(v) => {
+                    if seen.len() < 50 {
+                        seen.push(v);
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {what} within {timeout:?}; first lines seen: {seen:#?}\nagent stderr:\n{}",
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Every stdout line that arrives within `window` (for tests that count).
+    pub fn lines_for(&self, window: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Ok(v) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            out.push(v);
+        }
+        out
+    }
+
+    /// Sends SIGTERM, waits for exit (30 s at most) and returns the rest of its output.
+    pub fn stop(mut self) -> Stopped {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("npd-agent did not exit within 30 s of SIGTERM:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader thread ends at EOF; collect everything it still has.
+        let mut lines = Vec::new();
+        while let Ok(v) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            lines.push(v);
+        }
+        Stopped { status, lines, stderr: self.stderr() }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether a line is the kernel event `event` (e.g. `log`, `oom_kill`).
+pub fn is_kernel_event(v: &Value, event: &str) -> bool {
+    v["kind"] == "kernel" && v["event"] == event
+}

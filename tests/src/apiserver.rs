@@ -1,0 +1,332 @@
+//! A real Kubernetes API server (etcd + kube-apiserver v1.20 on 127.0.0.1) for tests, run by
+//! `tests/k8s/cluster.sh` (which builds kube-apiserver once and caches it, see
+//! `tests/k8s/build-kube-apiserver.sh`).
+//!
+//! - [`ApiServer::start`] starts a private one, stopped when it is dropped (also when the test
+//!   panics); [`ApiServer::shared`] gives one per test binary, stopped when the process exits.
+//! - Both return `None` only when kube-apiserver cannot be built on this machine (no apt, or
+//!   neither root nor password-less sudo to install the build tools) and print why: the test
+//!   then returns early. Any other failure panics.
+//! - Helpers: an admin [`kube::Client`], Nodes with a kubelet-like `Ready` condition, `kubectl`,
+//!   the shipped RBAC (`deploy/kubernetes/rbac.yaml`) and a kubeconfig holding a token of its
+//!   service account minted with the TokenRequest API.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Node, ServiceAccount},
+};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+/// The namespace and name of npd's service account in `deploy/kubernetes/rbac.yaml`.
+pub const SERVICE_ACCOUNT: (&str, &str) = ("kube-system", "npd");
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// A running etcd + kube-apiserver in a private directory.
+#[derive(Debug)]
+pub struct ApiServer {
+    /// The cluster directory (`env`, `kubeconfig`, logs...).
+    pub dir: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub url: String,
+    /// Admin kubeconfig (group `system:masters`).
+    pub kubeconfig: PathBuf,
+    /// The CA that signed the server's certificate.
+    pub ca_file: PathBuf,
+    /// The admin bearer token.
+    pub admin_token: String,
+    /// Stop it on drop (false for the shared one, stopped at exit).
+    owned: bool,
+}
+
+impl ApiServer {
+    /// Starts a private API server, stopped when the value is dropped. `None` (with the reason
+    /// printed) only when kube-apiserver cannot be built here.
+    pub fn start(test: &str) -> Option<ApiServer> {
+        if let Some(reason) = cannot_build_reason() {
+            eprintln!("SKIPPED {test}: no Kubernetes API server: {reason}");
+            return None;
+        }
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "npd-k8s-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Constructed first so that a failed `up` is cleaned up by Drop too.
+        let mut server = ApiServer {
+            kubeconfig: dir.join("kubeconfig"),
+            ca_file: dir.join("ca.crt"),
+            dir,
+            url: String::new(),
+            admin_token: String::new(),
+            owned: true,
+        };
+        server.cluster("up");
+        let env = std::fs::read_to_string(server.dir.join("env")).expect("reading the cluster env");
+        server.url = env
+            .lines()
+            .find_map(|l| l.strip_prefix("APISERVER_URL="))
+            .expect("APISERVER_URL in env")
+            .trim_matches('\'')
+            .to_owned();
+        server.admin_token = std::fs::read_to_string(server.dir.join("admin-token"))
+            .expect("reading admin-token")
+            .trim()
+            .to_owned();
+        Some(server)
+    }
+
+    /// The API server shared by every test of this binary: started on first use, stopped when
+    /// the process exits. Tests using it must use distinct Node names and must not stop it.
+    pub fn shared(test: &str) -> Option<&'static ApiServer> {
+        static SHARED: OnceLock<Option<ApiServer>> = OnceLock::new();
+        extern "C" fn stop_shared() {
+            if let Some(Some(server)) = SHARED.get() {
+                server.down();
+            }
+        }
+        let server = SHARED.get_or_init(|| {
+            let mut server = ApiServer::start(test)?;
+            server.owned = false;
+            // SAFETY: registers a plain function without arguments, run once at exit.
+            let rc = unsafe { libc::atexit(stop_shared) };
+            assert_eq!(rc, 0, "atexit failed");
+            Some(server)
+        });
+        if server.is_none() {
+            eprintln!("SKIPPED {test}: no Kubernetes API server (see above)");
+        }
+        server.as_ref()
+    }
+
+    /// Stops kube-apiserver only (etcd keeps the data): a simulated API server outage.
+    pub fn stop_apiserver(&self) {
+        self.cluster("stop-apiserver");
+    }
+
+    /// Starts kube-apiserver again on the same address and waits until it is ready.
+    pub fn start_apiserver(&self) {
+        self.cluster("start-apiserver");
+    }
+
+    fn cluster(&self, command: &str) {
+        let script = repo_root().join("tests/k8s/cluster.sh");
+        let out = Command::new(&script)
+            .arg(command)
+            .arg(&self.dir)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "cluster.sh {command} {} failed ({}):\n{}",
+            self.dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn down(&self) {
+        let script = repo_root().join("tests/k8s/cluster.sh");
+        match Command::new(&script).arg("down").arg(&self.dir).output() {
+            Ok(out) if out.status.success() => {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
+            Ok(out) => eprintln!(
+                "cluster.sh down {} failed:\n{}",
+                self.dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("running {}: {e}", script.display()),
+        }
+    }
+
+    /// A kube client with the admin kubeconfig.
+    pub async fn admin_client(&self) -> Client {
+        client_from_kubeconfig(&self.kubeconfig).await
+    }
+
+    /// Runs `kubectl --kubeconfig <admin> ARGS...`.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("running kubectl")
+    }
+
+    /// Creates Node `name` with a kubelet-like `Ready=True` condition (written by field
+    /// manager `kubelet`), as a registered node has. Returns the Node as stored.
+    pub async fn create_node(&self, name: &str) -> Node {
+        let client = self.admin_client().await;
+        let nodes: Api<Node> = Api::all(client);
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
+        }))
+        .expect("a Node");
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("creating the Node");
+        let status = serde_json::json!({ "status": { "conditions": [{
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "kubelet is posting ready status",
+            "lastHeartbeatTime": "2021-01-02T03:04:05Z",
+            "lastTransitionTime": "2021-01-01T00:00:00Z",
+        }]}});
+        let params = PatchParams {
+            field_manager: Some("kubelet".into()),
+            ..Default::default()
+        };
+        nodes
+            .patch_status(name, &params, &Patch::Strategic(&status))
+            .await
+            .expect("setting the Node's Ready condition")
+    }
+
+    /// Applies `deploy/kubernetes/rbac.yaml` (service account, ClusterRole, binding).
+    pub fn apply_rbac(&self) {
+        let rbac = repo_root().join("deploy/kubernetes/rbac.yaml");
+        let out = self.kubectl(&["apply", "-f", rbac.to_str().expect("UTF-8 path")]);
+        assert!(
+            out.status.success(),
+            "kubectl apply -f {} failed:\n{}",
+            rbac.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Applies the shipped RBAC, mints a token for npd's service account (TokenRequest API,
+    /// valid one hour) and writes a kubeconfig using it. Returns the kubeconfig's path.
+    pub async fn service_account_kubeconfig(&self) -> PathBuf {
+        self.apply_rbac();
+        let client = self.admin_client().await;
+        let (namespace, name) = SERVICE_ACCOUNT;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client, namespace);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let minted: TokenRequest = accounts
+            .create_subresource("token", name, &PostParams::default(), &request)
+            .await
+            .expect("TokenRequest for npd's service account");
+        let token = minted
+            .status
+            .and_then(|s| s.token)
+            .expect("a token in the TokenRequest status");
+        let path = self.dir.join("npd-service-account.kubeconfig");
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    \
+             server: \"{}\"\n    certificate-authority: \"{}\"\nusers:\n- name: npd\n  user:\n    \
+             token: \"{token}\"\ncontexts:\n- name: npd\n  context:\n    cluster: test\n    \
+             user: npd\ncurrent-context: npd\n",
+            self.url,
+            self.ca_file.display()
+        );
+        std::fs::write(&path, kubeconfig).expect("writing the service account kubeconfig");
+        path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if self.owned {
+            self.down();
+        }
+    }
+}
+
+/// A kube client for the kubeconfig at `path`.
+pub async fn client_from_kubeconfig(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("reading a kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("loading a kubeconfig");
+    Client::try_from(config).expect("creating a kube client")
+}
+
+/// Why kube-apiserver cannot be built on this machine, if it cannot: no cached binary and no
+/// way to install the build tools.
+fn cannot_build_reason() -> Option<String> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let cache = std::env::var_os("NPD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join(".cache/npd"));
+    let cached = std::fs::read_dir(&cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("kube-apiserver-")
+                && e.path().join("kube-apiserver").is_file()
+        });
+    if cached {
+        return None;
+    }
+    let have = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("apt-get") {
+        return Some("no cached kube-apiserver and no apt-get to build one".into());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let sudo = || {
+        Command::new("sudo")
+            .args(["-n", "true"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let tools = [
+        "go",
+        "make",
+        "rsync",
+        "etcd",
+        "dpkg-source",
+        "openssl",
+        "curl",
+    ];
+    if !root && !sudo() && !tools.iter().all(|t| have(t)) {
+        return Some(
+            "no cached kube-apiserver, and neither root nor password-less sudo to install \
+             the build tools (run tests/k8s/build-kube-apiserver.sh once as root)"
+                .into(),
+        );
+    }
+    None
+}

@@ -1,0 +1,228 @@
+//! Real kernel faults, each behind a guard that puts the kernel back as it was when dropped
+//! (also when the test panics). Recipes: `shared/KERNEL.md`.
+
+use std::{
+    fs::OpenOptions,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+/// Runs a command and returns its stdout; panics with its stderr when it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes one line to /dev/kmsg through a fresh descriptor (the default rate limit is per
+/// descriptor: 10 lines per 5 s), newline-terminated as `echo` does: the kernel keeps a record
+/// without a newline open for continuation, and `/dev/kmsg` readers see it only once the next
+/// message arrives (the eBPF source sees it at once).
+pub fn write_kmsg(line: &str) {
+    let line = format!("{line}\n");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .unwrap_or_else(|e| panic!("opening /dev/kmsg: {e}"));
+    f.write_all(line.as_bytes())
+        .unwrap_or_else(|e| panic!("writing to /dev/kmsg: {e}"));
+}
+
+/// A sysctl (a file under /proc/sys) set for the test, restored on drop.
+pub struct Sysctl {
+    path: PathBuf,
+    old: String,
+}
+
+impl Sysctl {
+    /// Sets `/proc/sys/<name>` (e.g. `kernel/printk_devkmsg`) to `value`.
+    pub fn set(name: &str, value: &str) -> Sysctl {
+        let path = Path::new("/proc/sys").join(name);
+        let old = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .trim()
+            .to_string();
+        // Some handlers (printk_devkmsg) want the newline.
+        std::fs::write(&path, format!("{value}\n")).unwrap_or_else(|e| panic!("setting {} to {value}: {e}", path.display()));
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, format!("{}\n", self.old)) {
+            eprintln!("WARNING: could not restore {} to {}: {e}", self.path.display(), self.old);
+        }
+    }
+}
+
+/// A temporary directory, removed (with its content) on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under /tmp.
+    pub fn new(prefix: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(crate::unique(prefix));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates a file of `mib` MiB (sparse).
+pub fn sized_file(path: &Path, mib: u64) {
+    let f = std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.set_len(mib << 20).unwrap_or_else(|e| panic!("sizing {}: {e}", path.display()));
+}
+
+/// A loop device attached to a file, detached on drop.
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub path: String,
+}
+
+impl LoopDevice {
+    /// Attaches `file` to a free loop device.
+    pub fn attach(file: &Path) -> LoopDevice {
+        let path = run("losetup", &["--find", "--show", &file.to_string_lossy()]).trim().to_string();
+        LoopDevice { path }
+    }
+
+    /// The kernel name (`loopN`).
+    pub fn name(&self) -> &str {
+        self.path.trim_start_matches("/dev/")
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.path]).status();
+    }
+}
+
+/// A mounted file system, unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// Mounts `device` on `dir`.
+    pub fn new(device: &str, dir: &Path) -> Mount {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        run("mount", &[device, &dir.to_string_lossy()]);
+        Mount(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A frozen file system (`fsfreeze -f`), thawed on drop.
+pub struct Frozen(PathBuf);
+
+impl Frozen {
+    /// Freezes the file system mounted at `dir`.
+    pub fn new(dir: &Path) -> Frozen {
+        run("fsfreeze", &["-f", &dir.to_string_lossy()]);
+        Frozen(dir.to_path_buf())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").args(["-u", &self.0.to_string_lossy()]).status();
+    }
+}
+
+/// A child process, killed and reaped on drop.
+#[derive(Default)]
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map(Child::id).expect("no child")
+    }
+
+    /// Waits for the child to exit (`timeout` at most) and returns its status.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.0.as_mut().expect("no child");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for child") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "child {} still running after {timeout:?}", child.id());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A cgroup v1 memory cgroup with a limit, removed on drop.
+pub struct MemCgroup(pub PathBuf);
+
+/// Where cgroup v1's memory controller is mounted.
+pub const MEMCG_ROOT: &str = "/sys/fs/cgroup/memory";
+
+impl MemCgroup {
+    /// Creates a child cgroup limited to `mib` MiB of memory (and of memory+swap).
+    pub fn new(mib: u64) -> MemCgroup {
+        let dir = Path::new(MEMCG_ROOT).join(crate::unique("npd-test"));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let guard = MemCgroup(dir);
+        let limit = (mib << 20).to_string();
+        std::fs::write(guard.0.join("memory.limit_in_bytes"), &limit).expect("setting memory.limit_in_bytes");
+        // Without swap accounting the file is absent; the limit above is enough then.
+        let memsw = guard.0.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            std::fs::write(memsw, &limit).expect("setting memory.memsw.limit_in_bytes");
+        }
+        guard
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        // Kill anything left in it, then remove it (rmdir fails while tasks remain).
+        if let Ok(pids) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                // SAFETY: signalling a process the test put into its own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::remove_dir(&self.0).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

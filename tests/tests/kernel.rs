@@ -1,0 +1,267 @@
+//! The sensor against real kernel faults: each test makes the fault really happen and checks
+//! the agent's `--kernel-events` output. Needs root; tests run one at a time (`serial`) and put
+//! every piece of kernel state back, also when they fail.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use npd_tests::{
+    agent::{Agent, agent_binary, is_kernel_event},
+    have_root,
+    kernel::{ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file, write_kmsg},
+    serial, unique,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn hog() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_npd-test-hog"))
+}
+
+/// Starts a hog and waits until it says it is about to misbehave.
+fn start_hog(cmd: &mut Command) -> ChildGuard {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("starting npd-test-hog");
+    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("reading npd-test-hog");
+    assert_eq!(line.trim(), "ready", "npd-test-hog did not start");
+    ChildGuard(Some(child))
+}
+
+fn kmsg_message_arrives_exactly(source: &str) {
+    let agent = Agent::start(&["run", "--source", source, "--kernel-events"]);
+    let marker = unique("npd-kmsg");
+    let text = format!("{marker}: hello from the test, with unicode \u{2713} and a tab\there");
+    write_kmsg(&text);
+    let event = agent.wait_for(WAIT, &marker, |v| is_kernel_event(v, "log") && v["message"].as_str().is_some_and(|m| m.contains(&marker)));
+    assert_eq!(event["message"], Value::String(text));
+    let stopped = agent.stop();
+    assert!(stopped.status.success(), "agent exit: {}", stopped.status);
+}
+
+#[test]
+fn kmsg_line_arrives_with_its_exact_text_ebpf() {
+    let _serial = serial();
+    if !have_root("kmsg_line_arrives_with_its_exact_text_ebpf") {
+        return;
+    }
+    kmsg_message_arrives_exactly("ebpf");
+}
+
+#[test]
+fn kmsg_line_arrives_with_its_exact_text_kmsg_source() {
+    let _serial = serial();
+    if !have_root("kmsg_line_arrives_with_its_exact_text_kmsg_source") {
+        return;
+    }
+    kmsg_message_arrives_exactly("kmsg");
+}
+
+#[test]
+fn oom_kill_reports_victim_pid_and_comm() {
+    let _serial = serial();
+    if !have_root("oom_kill_reports_victim_pid_and_comm") {
+        return;
+    }
+    let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
+    let cgroup = MemCgroup::new(32);
+    let mut victim = start_hog(hog().args(["oom", &cgroup.0.to_string_lossy(), "200"]));
+    let pid = victim.pid();
+    let status = victim.wait(WAIT);
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    let event = agent.wait_for(WAIT, "oom_kill of the hog", |v| is_kernel_event(v, "oom_kill") && v["pid"] == pid);
+    assert_eq!(event["comm"], "npd-test-hog");
+    // This kernel's mark_victim has the 2024 fields: the victim had ~32 MiB resident.
+    let rss = event["anon_rss_kb"].as_u64().expect("anon_rss_kb");
+    assert!(rss > 1024, "anon_rss_kb {rss}");
+    assert_eq!(event["uid"], 0);
+    assert!(agent.stop().status.success());
+}
+
+/// A writer blocked on a frozen ext4 file system; `warnings` is `hung_task_warnings`.
+fn hung_task_is_reported(warnings: &str) {
+    let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
+    let dir = TempDir::new("npd-hung");
+    let image = dir.join("fs.img");
+    sized_file(&image, 32);
+    run("mkfs.ext4", &["-q", "-F", &image.to_string_lossy()]);
+    let dev = LoopDevice::attach(&image);
+    let mnt = Mount::new(&dev.path, &dir.join("mnt"));
+    // Drop order (reverse of declaration): restore sysctls, thaw, then reap the writer, unmount.
+    let mut writer = ChildGuard::default();
+    let frozen = Frozen::new(&mnt.0);
+    writer.0 = start_hog(hog().args(["write", &mnt.0.join("file").to_string_lossy()])).0.take();
+    let _warnings = Sysctl::set("kernel/hung_task_warnings", warnings);
+    let _timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
+    let pid = writer.pid();
+    let event = agent.wait_for(WAIT, "hung_task of the writer", |v| is_kernel_event(v, "hung_task") && v["pid"] == pid);
+    assert_eq!(event["comm"], "npd-test-hog");
+    drop(_timeout);
+    drop(_warnings);
+    drop(frozen);
+    assert!(writer.wait(WAIT).success(), "the writer failed after thaw");
+    assert!(agent.stop().status.success());
+}
+
+#[test]
+fn hung_task_reports_pid_and_comm() {
+    let _serial = serial();
+    if !have_root("hung_task_reports_pid_and_comm") {
+        return;
+    }
+    hung_task_is_reported("10");
+}
+
+#[test]
+fn hung_task_is_seen_when_the_kernel_prints_nothing() {
+    let _serial = serial();
+    if !have_root("hung_task_is_seen_when_the_kernel_prints_nothing") {
+        return;
+    }
+    hung_task_is_reported("0");
+}
+
+#[test]
+fn failed_block_read_reports_device_sector_op_and_error() {
+    let _serial = serial();
+    if !have_root("failed_block_read_reports_device_sector_op_and_error") {
+        return;
+    }
+    let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
+    let dir = TempDir::new("npd-blk");
+    let file = dir.join("disk.img");
+    sized_file(&file, 16);
+    let dev = LoopDevice::attach(&file);
+    sized_file(&file, 8);
+    let out = Command::new("dd")
+        .args([&format!("if={}", dev.path), "of=/dev/null", "bs=4k", "skip=3072", "count=1", "iflag=direct"])
+        .output()
+        .expect("running dd");
+    assert!(!out.status.success(), "the read past the end should fail");
+    let name = dev.name().to_string();
+    let event = agent.wait_for(WAIT, "block_error on the loop device", |v| is_kernel_event(v, "block_error") && v["device"] == name.as_str());
+    assert_eq!(event["sector"], 24576);
+    assert_eq!(event["op"], "READ");
+    assert_eq!(event["error"], -5);
+    assert!(event["nr_sectors"].as_u64().unwrap_or(0) >= 8);
+    assert!(agent.stop().status.success());
+}
+
+/// Writes `count` numbered lines through one descriptor as fast as the kernel takes them.
+fn flood(marker: &str, count: usize) {
+    use std::io::Write as _;
+    let mut kmsg = std::fs::OpenOptions::new().write(true).open("/dev/kmsg").expect("opening /dev/kmsg");
+    for i in 0..count {
+        kmsg.write_all(format!("{marker} {i}\n").as_bytes()).expect("writing /dev/kmsg");
+    }
+}
+
+fn marker_lines<'a>(lines: &'a [Value], marker: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    lines.iter().filter(move |v| is_kernel_event(v, "log") && v["message"].as_str().is_some_and(|m| m.starts_with(marker)))
+}
+
+const FLOOD: usize = 100_000;
+
+#[test]
+fn flood_of_100k_messages_is_received_or_counted_ebpf() {
+    let _serial = serial();
+    if !have_root("flood_of_100k_messages_is_received_or_counted_ebpf") {
+        return;
+    }
+    let _devkmsg = Sysctl::set("kernel/printk_devkmsg", "on");
+    let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
+    let marker = unique("npd-flood");
+    flood(&marker, FLOOD);
+    let end = format!("{marker}-end");
+    write_kmsg(&end);
+    // Everything before the end marker has been read once the end marker arrives.
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !lines.iter().any(|v: &Value| v["message"] == end.as_str()) {
+        assert!(std::time::Instant::now() < deadline, "end marker not received");
+        lines.extend(agent.lines_for(Duration::from_millis(200)));
+    }
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+    let stats = stopped.lines.iter().find(|v| v["kind"] == "stats").expect("stats line at exit");
+    let received = marker_lines(&lines, &marker).filter(|v| v["message"] != end.as_str()).count() as u64;
+    let dropped = stats["ring_full"]["log"].as_u64().unwrap() + stats["read_errors"]["log"].as_u64().unwrap();
+    eprintln!("flood (eBPF): sent {FLOOD}, received {received}, dropped {dropped}");
+    assert_eq!(received + dropped, FLOOD as u64, "received + dropped must equal sent");
+    // Each line arrives once and in order.
+    let mut next = 0u64;
+    for v in marker_lines(&lines, &marker).filter(|v| v["message"] != end.as_str()) {
+        let i: u64 = v["message"].as_str().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(i >= next, "line {i} after {next}: out of order or repeated");
+        next = i + 1;
+    }
+}
+
+#[test]
+fn flood_of_100k_messages_is_received_or_counted_kmsg_source() {
+    let _serial = serial();
+    if !have_root("flood_of_100k_messages_is_received_or_counted_kmsg_source") {
+        return;
+    }
+    let _devkmsg = Sysctl::set("kernel/printk_devkmsg", "on");
+    let agent = Agent::start(&["run", "--source", "kmsg", "--kernel-events"]);
+    let marker = unique("npd-flood");
+    let start = format!("{marker}-start");
+    write_kmsg(&start);
+    let start_seq = agent.wait_for(WAIT, "start marker", |v| v["message"] == start.as_str())["seq"].as_u64().expect("seq");
+    flood(&marker, FLOOD);
+    let end = format!("{marker}-end");
+    write_kmsg(&end);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let end_seq = loop {
+        if let Some(v) = lines.iter().find(|v: &&Value| v["message"] == end.as_str()) {
+            break v["seq"].as_u64().expect("seq");
+        }
+        assert!(std::time::Instant::now() < deadline, "end marker not received");
+        lines.extend(agent.lines_for(Duration::from_millis(200)));
+    };
+    let stopped = agent.stop();
+    assert!(stopped.status.success());
+    let stats = stopped.lines.iter().find(|v| v["kind"] == "stats").expect("stats line at exit");
+    let lost = stats["kmsg_lost"].as_u64().unwrap();
+    // Every record the kernel logged between the markers was either read or counted as lost.
+    let between = lines
+        .iter()
+        .filter(|v| is_kernel_event(v, "log") && v["seq"].as_u64().is_some_and(|s| s > start_seq && s < end_seq))
+        .count() as u64;
+    let logged = end_seq - start_seq - 1;
+    let ours = marker_lines(&lines, &marker).filter(|v| v["message"] != end.as_str()).count();
+    eprintln!("flood (/dev/kmsg): sent {FLOOD}, kernel logged {logged} between markers, received {between} (ours {ours}), counted lost {lost}");
+    assert!(logged >= FLOOD as u64);
+    assert_eq!(between + lost, logged, "received + counted lost must equal what the kernel logged");
+}
+
+#[test]
+fn without_root_it_exits_non_zero_naming_what_is_missing() {
+    let _serial = serial();
+    if !have_root("without_root_it_exits_non_zero_naming_what_is_missing") {
+        return;
+    }
+    for source in ["auto", "ebpf"] {
+        let out = Command::new(agent_binary())
+            .args(["run", "--source", source])
+            .uid(65534)
+            .gid(65534)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running npd-agent as nobody");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--source {source} as nobody should fail:\n{stderr}");
+        assert_eq!(out.status.code(), Some(1), "exit code (not a panic):\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.contains("root") && (stderr.contains("CAP_BPF") || stderr.contains("CAP_SYS_ADMIN")), "--source {source}: {stderr}");
+    }
+}
