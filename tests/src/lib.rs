@@ -8,7 +8,9 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod http;
 pub mod kernel;
+pub mod prometheus;
 
 use std::sync::{Mutex, MutexGuard};
 
