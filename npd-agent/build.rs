@@ -7,6 +7,9 @@ use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
+    // Without this, a lint run with AYA_BUILD_SKIP=1 leaves an empty object that later
+    // builds consider fresh.
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // aya-build does nothing in this case; leave an empty object so include_bytes works.

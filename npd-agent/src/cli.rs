@@ -1,6 +1,6 @@
 //! Command-line interface: `npd-agent [run]`, `check-config`, `replay`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -39,6 +39,16 @@ pub enum SourceChoice {
     Kmsg,
 }
 
+/// How logs are written (to stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Options of `run`.
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
@@ -75,6 +85,34 @@ pub struct RunArgs {
     /// How often npd's Node conditions are re-written to refresh `lastHeartbeatTime`.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub k8s_exporter_heartbeat_period: Duration,
+    /// Address of the health server (`/healthz`, `/conditions`), as NPD's `--address`.
+    #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+    pub address: IpAddr,
+    /// Port of the health server, as NPD's `--port`; 0 disables it.
+    #[arg(long, default_value_t = 20256, value_name = "PORT")]
+    pub port: u16,
+    /// Address of the Prometheus `/metrics` server, as NPD's `--prometheus-address`.
+    #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+    pub prometheus_address: IpAddr,
+    /// Port of the Prometheus `/metrics` server, as NPD's `--prometheus-port`; 0 disables it.
+    #[arg(long, default_value_t = 20257, value_name = "PORT")]
+    pub prometheus_port: u16,
+    /// Log format (logs go to stderr; stdout carries the JSON lines).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or filter (`info`, `debug`, `npd_agent=trace,warn`); overrides `RUST_LOG`.
+    /// Default: `RUST_LOG`, else `info`.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// How long a lost kernel event keeps `/healthz` unhealthy after it is seen (`0s`: losses
+    /// are reported in the body and in metrics, never as unhealthy).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub health_loss_window: Duration,
+    /// Enable test controls on the health port: `POST /debug/sensor/kill-reader?down=2s` (kills
+    /// the sensor's reader, which then restarts) and `POST /debug/report?reason=..` (feeds a
+    /// report through the exporters). Off by default; for tests and demonstrations only.
+    #[arg(long)]
+    pub debug_endpoints: bool,
 }
 
 /// Options of `check-config`.
@@ -103,12 +141,65 @@ mod tests {
 
     #[test]
     fn run_is_the_default() {
-        let cli = Cli::try_parse_from(["npd-agent", "--source", "kmsg", "--kernel-events"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["npd-agent", "--source", "kmsg", "--kernel-events"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.run.source, SourceChoice::Kmsg);
         assert!(cli.run.kernel_events);
         let cli = Cli::try_parse_from(["npd-agent", "run", "--source", "ebpf"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Run(RunArgs { source: SourceChoice::Ebpf, .. }))));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Run(RunArgs {
+                source: SourceChoice::Ebpf,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn npd_compatible_listen_defaults() {
+        let cli = Cli::try_parse_from(["npd-agent"]).unwrap();
+        assert_eq!(
+            (cli.run.address.to_string(), cli.run.port),
+            ("127.0.0.1".into(), 20256)
+        );
+        assert_eq!(
+            (
+                cli.run.prometheus_address.to_string(),
+                cli.run.prometheus_port
+            ),
+            ("127.0.0.1".into(), 20257)
+        );
+        assert_eq!(cli.run.log_format, LogFormat::Text);
+        assert_eq!(cli.run.health_loss_window, Duration::from_secs(300));
+        assert!(!cli.run.debug_endpoints);
+        let cli = Cli::try_parse_from([
+            "npd-agent",
+            "--address",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--prometheus-port",
+            "9100",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "--health-loss-window",
+            "30s",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                cli.run.address.to_string(),
+                cli.run.port,
+                cli.run.prometheus_port
+            ),
+            ("0.0.0.0".into(), 0, 9100)
+        );
+        assert_eq!(cli.run.log_format, LogFormat::Json);
+        assert_eq!(cli.run.log_level.as_deref(), Some("debug"));
+        assert_eq!(cli.run.health_loss_window, Duration::from_secs(30));
     }
 
     #[test]

@@ -53,8 +53,16 @@ impl Agent {
         Self::start_with(Command::new(agent_binary()).args(args))
     }
 
-    /// Starts a prepared command (for extra environment) and waits for readiness.
+    /// Starts a prepared command (for extra environment) and waits for readiness. Unless the
+    /// command chooses them, the health and metrics servers are disabled (`--port 0
+    /// --prometheus-port 0`), so that agents never fight over the default ports.
     pub fn start_with(cmd: &mut Command) -> Agent {
+        let given: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        for flag in ["--port", "--prometheus-port"] {
+            if !given.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+                cmd.args([flag, "0"]);
+            }
+        }
         let mut child = cmd
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
@@ -82,7 +90,8 @@ impl Agent {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("  [agent] {line}");
-                if line.contains("sensor ready") {
+                // "npd-agent started" is logged once the sensor runs and the HTTP servers listen.
+                if line.contains("sensor ready") || line.contains("npd-agent started") {
                     let _ = ready_tx.send(());
                 }
                 if let Ok(mut s) = sink.lock() {

@@ -9,7 +9,9 @@
 pub mod agent;
 pub mod apiserver;
 pub mod faults;
+pub mod http;
 pub mod kernel;
+pub mod prometheus;
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -1,17 +1,29 @@
 //! `npd-agent run`: the daemon.
 
 use std::{
-    io::Write as _, path::PathBuf, process::ExitCode, sync::atomic::Ordering, time::SystemTime,
+    io::Write as _,
+    net::SocketAddr,
+    process::ExitCode,
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
 
 use crate::{
-    cli::RunArgs,
-    engine::Engine,
+    cli::{LogFormat, RunArgs},
+    engine::{Engine, EngineStats},
     event::KernelEvent,
-    exporter::k8s::{K8sConfig, K8sExporter, K8sHandle},
+    exporter::k8s::{K8sConfig, K8sExporter, K8sHandle, K8sStats},
+    health::{ConditionBoard, Health},
+    http::{self, DebugControls, HealthRoutes, MetricsRoutes},
+    metrics::{EngineCounters, Metrics},
     problem::{ConditionChange, Report},
     rules::{ConfigError, RuleSet},
     sensor::{EVENT_KINDS, Sensor, SensorConfig},
@@ -19,10 +31,10 @@ use crate::{
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    init_tracing();
-    // Bad rules fail fast, before anything touches the kernel.
-    let problems = match Problems::load(&args.config) {
-        Ok(p) => p,
+    init_tracing(args.log_format, args.log_level.as_deref())?;
+    // Bad rules fail fast, before anything touches the kernel or the cluster.
+    let rules = match load_rules(&args.config) {
+        Ok(rules) => rules,
         Err(e) => {
             eprintln!("npd-agent: invalid rules:\n{e}");
             return Ok(ExitCode::from(2));
@@ -33,79 +45,252 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(args, problems))
+    runtime.block_on(run(args, Engine::new(rules)))
 }
 
-fn init_tracing() {
+/// Loads `--config` files, or the embedded defaults when none is given.
+fn load_rules(config: &[PathBuf]) -> Result<RuleSet, ConfigError> {
+    let rules = RuleSet::load_or_defaults(config)?;
+    tracing::info!(
+        files = rules.files.len(),
+        rules = rules.rule_count(),
+        defaults = config.is_empty(),
+        "rules loaded"
+    );
+    Ok(rules)
+}
+
+/// The engine's counters as the metrics export them.
+fn engine_counters(stats: &EngineStats) -> EngineCounters {
+    EngineCounters {
+        problems_reported: stats.problems_reported,
+        problems_deduplicated: stats.repeats_suppressed,
+        match_nanos: stats.match_nanos,
+    }
+}
+
+/// Sleeps until the engine's next deadline (recovery, rate window, de-duplication window), or
+/// forever when there is none: no periodic tick.
+async fn sleep_until(deadline: Option<SystemTime>) {
+    match deadline {
+        Some(at) => tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Logs go to stderr (stdout carries the JSON lines), as text or JSON, filtered by
+/// `--log-level`, else `RUST_LOG`, else `info`.
+fn init_tracing(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr: stdout carries the JSON lines.
-    let _ = tracing_subscriber::fmt()
+    let filter = match level {
+        Some(level) => {
+            EnvFilter::try_new(level).with_context(|| format!("--log-level {level:?}"))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    Ok(())
 }
 
-async fn run(args: RunArgs, mut problems: Problems) -> anyhow::Result<ExitCode> {
-    // Started before the sensor: problems found while the API server is unreachable are kept.
-    problems.exporter = kubernetes_exporter(&args, problems.initial.clone()).await?;
+/// Where reports go: Kubernetes (or, standalone, stdout JSON lines), metrics, `/conditions`.
+struct Publisher {
+    metrics: Arc<Metrics>,
+    conditions: Arc<ConditionBoard>,
+    kubernetes: Option<K8sHandle>,
+}
+
+impl Publisher {
+    /// Publishes every report, in order.
+    fn publish_all(&self, reports: &[Report], out: &mut impl std::io::Write) -> anyhow::Result<()> {
+        reports.iter().try_for_each(|r| self.publish(r, out))
+    }
+
+    /// The one place a report is exported: every exporter sees it, in order.
+    fn publish(&self, report: &Report, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+        self.metrics.observe_report(report);
+        self.conditions.observe_report(report);
+        match &self.kubernetes {
+            Some(kubernetes) => kubernetes.export(report),
+            None => {
+                let line = serde_json::to_string(report).context("encoding a report")?;
+                writeln!(out, "{line}").context("writing to stdout")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
+    // Every condition the rules own, in its default state. The exporter starts before the
+    // sensor: problems found while the API server is unreachable are kept, not lost.
+    let initial: Vec<ConditionChange> = engine.initial_conditions(SystemTime::now());
+    let (kubernetes, exporter_mode) = kubernetes_exporter(&args, initial.clone()).await?;
     let mut config = SensorConfig::new(args.source);
     config.tracefs = args.tracefs.clone();
     config.kmsg_path = args.kmsg_path.clone();
     config.ring_buffer_size = args.ring_buffer_size;
     let mut sensor = Sensor::start(&config)?;
-    tracing::info!(
-        source = sensor.source.as_str(),
-        attached = %sensor.attached.join(","),
-        kmsg_reader = sensor.kmsg_reader,
-        "sensor ready"
-    );
+    let probe = sensor.probe();
 
+    let metrics = Arc::new(Metrics::new());
+    metrics.init_reasons(engine.reasons());
+    metrics.watch_sensor(probe.clone());
+    // The engine lives in the loop below; metrics read a copy of its counters at scrape time.
+    let engine_stats = Arc::new(Mutex::new(engine_counters(&engine.stats())));
+    let for_metrics = Arc::clone(&engine_stats);
+    metrics.watch_engine(move || {
+        for_metrics.lock().map(|c| *c).unwrap_or_else(|p| *p.into_inner())
+    });
+    let conditions = Arc::new(ConditionBoard::new());
+    for change in &initial {
+        conditions.set(&change.condition);
+    }
+    let health = Arc::new(Health::new(probe.clone(), args.health_loss_window));
+    if let Some(kubernetes) = &kubernetes {
+        let read = Arc::new(kubernetes.stats_reader());
+        let for_metrics = Arc::clone(&read);
+        metrics.watch_exporter(move || for_metrics());
+        let limit = args.k8s_exporter_heartbeat_period;
+        health.watch_exporter(move || exporter_health(&read(), limit));
+    }
+    // Reports injected through the debug endpoint (tests); the rules engine publishes directly.
+    let (report_tx, mut injected) = mpsc::channel::<Report>(1024);
+
+    let mut servers: Vec<JoinHandle<()>> = Vec::new();
+    let health_addr = if args.port == 0 {
+        None
+    } else {
+        let listener =
+            http::bind(SocketAddr::new(args.address, args.port), "--address/--port").await?;
+        let addr = listener.local_addr()?;
+        let debug = args.debug_endpoints.then(|| DebugControls {
+            sensor: probe.clone(),
+            reports: report_tx.clone(),
+        });
+        let routes = HealthRoutes {
+            health: health.clone(),
+            conditions: conditions.clone(),
+            debug,
+        };
+        servers.push(http::serve(listener, Arc::new(routes)));
+        Some(addr)
+    };
+    let metrics_addr = if args.prometheus_port == 0 {
+        None
+    } else {
+        let listener = http::bind(
+            SocketAddr::new(args.prometheus_address, args.prometheus_port),
+            "--prometheus-address/--prometheus-port",
+        )
+        .await?;
+        let addr = listener.local_addr()?;
+        servers.push(http::serve(
+            listener,
+            Arc::new(MetricsRoutes {
+                metrics: metrics.clone(),
+            }),
+        ));
+        Some(addr)
+    };
+    log_startup(&args, &sensor, &exporter_mode, health_addr, metrics_addr);
+    if args.debug_endpoints && health_addr.is_some() {
+        tracing::warn!(
+            "--debug-endpoints: test controls are enabled under /debug/ on the health port"
+        );
+    }
+
+    let publisher = Publisher {
+        metrics,
+        conditions,
+        kubernetes,
+    };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
-    loop {
+    let signal_name = loop {
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
             event = sensor.events.recv() => {
                 let Some(event) = event else {
                     anyhow::bail!("the sensor stopped: {}", reader_error(&sensor));
                 };
                 handle(&args, &event, &mut out)?;
-                problems.on_event(&event, &mut out)?;
+                publisher.publish_all(&engine.handle(&event, SystemTime::now()), &mut out)?;
                 // Drain what is already queued before flushing, so a burst costs one write.
                 while let Ok(event) = sensor.events.try_recv() {
                     handle(&args, &event, &mut out)?;
-                    problems.on_event(&event, &mut out)?;
+                    publisher.publish_all(&engine.handle(&event, SystemTime::now()), &mut out)?;
                 }
                 out.flush().context("writing to stdout")?;
+                set_counters(&engine_stats, &engine);
             }
-            () = Problems::sleep_until(problems.next_deadline()) => {
-                problems.on_deadline(&mut out)?;
+            () = sleep_until(engine.next_deadline()) => {
+                publisher.publish_all(&engine.on_deadline(SystemTime::now()), &mut out)?;
+                out.flush().context("writing to stdout")?;
+                set_counters(&engine_stats, &engine);
+            }
+            Some(report) = injected.recv() => {
+                publisher.publish(&report, &mut out)?;
                 out.flush().context("writing to stdout")?;
             }
         }
+    };
+
+    // Flush the last state: what the sensor already delivered and every queued report, then
+    // the exporters (stdout here; the Kubernetes exporter's final status write joins here).
+    tracing::info!("{signal_name} received: flushing the last state");
+    while let Ok(event) = sensor.events.try_recv() {
+        handle(&args, &event, &mut out)?;
+        publisher.publish_all(&engine.handle(&event, SystemTime::now()), &mut out)?;
+    }
+    while let Ok(report) = injected.try_recv() {
+        publisher.publish(&report, &mut out)?;
     }
     if args.kernel_events {
         writeln!(out, "{}", stats_line(&sensor)).context("writing to stdout")?;
     }
     out.flush().context("writing to stdout")?;
-    if let Some(exporter) = problems.exporter.take() {
-        exporter.shutdown().await;
+    if let Some(kubernetes) = publisher.kubernetes {
+        kubernetes.shutdown().await;
     }
+    for server in &servers {
+        server.abort();
+    }
+    let received: u64 = sensor
+        .stats
+        .received
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .sum();
+    let lost = sensor.lost_total();
     drop(sensor);
-    tracing::info!("stopped; eBPF programs detached");
+    tracing::info!(received, lost, "stopped; eBPF programs detached");
     Ok(ExitCode::SUCCESS)
+}
+
+fn set_counters(shared: &Mutex<EngineCounters>, engine: &Engine) {
+    let counters = engine_counters(&engine.stats());
+    match shared.lock() {
+        Ok(mut c) => *c = counters,
+        Err(p) => *p.into_inner() = counters,
+    }
 }
 
 /// The Kubernetes exporter when a cluster is configured (see [`K8sConfig::from_run_args`]);
 /// `None` means standalone: problems go to stdout as JSON lines. Says which, once.
+/// Also returns the mode for the startup summary.
 async fn kubernetes_exporter(
     args: &RunArgs,
     initial: Vec<ConditionChange>,
-) -> anyhow::Result<Option<K8sHandle>> {
+) -> anyhow::Result<(Option<K8sHandle>, String)> {
     let config = K8sConfig::from_run_args(args)
         .await
         .context("configuring the Kubernetes exporter")?;
@@ -114,12 +299,75 @@ async fn kubernetes_exporter(
             "no cluster configured (in-cluster service account, --kubeconfig or KUBECONFIG): \
              running standalone, problems are printed as JSON lines on stdout"
         );
-        return Ok(None);
+        return Ok((None, "standalone (JSON lines on stdout)".into()));
     };
     tracing::info!(node = %config.node_name, "exporting to Kubernetes");
-    Ok(Some(
-        K8sExporter::start(config, initial).context("starting the Kubernetes exporter")?,
-    ))
+    let mode = format!("kubernetes (node {})", config.node_name);
+    let handle = K8sExporter::start(config, initial).context("starting the Kubernetes exporter")?;
+    Ok((Some(handle), mode))
+}
+
+/// The exporter is stuck when its task is no longer running, or when every API call has failed
+/// for longer than `limit` (the Node's conditions on the API server are then stale).
+fn exporter_health(stats: &K8sStats, limit: Duration) -> Result<(), String> {
+    if !stats.running {
+        return Err("the Kubernetes exporter task is not running".into());
+    }
+    if let Some(since) = stats.api_failing_since
+        && let Ok(failing) = since.elapsed()
+        && failing >= limit
+    {
+        return Err(format!(
+            "every Kubernetes API call has failed for {} (Node status not updated); {} Events queued",
+            humantime::format_duration(Duration::from_secs(failing.as_secs())),
+            stats.events_queued
+        ));
+    }
+    Ok(())
+}
+
+/// The one-line startup summary: source, tracepoints, rule files, exporter, listen addresses.
+fn log_startup(
+    args: &RunArgs,
+    sensor: &Sensor,
+    exporter: &str,
+    health: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) {
+    let tracepoints = if sensor.attached.is_empty() {
+        "none".to_string()
+    } else {
+        sensor.attached.join(",")
+    };
+    let rules = if args.config.is_empty() {
+        "embedded defaults".to_string()
+    } else {
+        args.config
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let disabled = sensor
+        .disabled
+        .iter()
+        .map(|(tp, _)| tp.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let show = |addr: Option<SocketAddr>, path: &str| {
+        addr.map_or_else(|| "disabled".to_string(), |a| format!("http://{a}{path}"))
+    };
+    tracing::info!(
+        source = sensor.source.as_str(),
+        tracepoints = %tracepoints,
+        tracepoints_disabled = %disabled,
+        kmsg_reader = sensor.kmsg_reader,
+        rules = %rules,
+        exporter = %exporter,
+        health = %show(health, "/healthz"),
+        metrics = %show(metrics, "/metrics"),
+        "npd-agent started"
+    );
 }
 
 fn handle(
@@ -138,77 +386,6 @@ fn handle(
         writeln!(out, "{}", serde_json::Value::Object(line)).context("writing to stdout")?;
     }
     Ok(())
-}
-
-/// The rules and conditions stage: kernel events in, reports out, to the Kubernetes exporter
-/// when a cluster is configured, else as JSON lines on stdout (standalone, DESIGN.md schema).
-struct Problems {
-    engine: Engine,
-    /// Every condition in its default state, for the exporter to initialise the Node with.
-    initial: Vec<ConditionChange>,
-    exporter: Option<K8sHandle>,
-}
-
-impl Problems {
-    /// Loads `--config` files, or the embedded defaults when none is given.
-    fn load(config: &[PathBuf]) -> Result<Self, ConfigError> {
-        let rules = RuleSet::load_or_defaults(config)?;
-        tracing::info!(
-            files = rules.files.len(),
-            rules = rules.rule_count(),
-            defaults = config.is_empty(),
-            "rules loaded"
-        );
-        let mut engine = Engine::new(rules);
-        let initial = engine.initial_conditions(SystemTime::now());
-        Ok(Self { engine, initial, exporter: None })
-    }
-
-    fn on_event(
-        &mut self,
-        event: &KernelEvent,
-        out: &mut impl std::io::Write,
-    ) -> anyhow::Result<()> {
-        let reports = self.engine.handle(event, SystemTime::now());
-        self.export(&reports, out)
-    }
-
-    fn on_deadline(&mut self, out: &mut impl std::io::Write) -> anyhow::Result<()> {
-        let reports = self.engine.on_deadline(SystemTime::now());
-        self.export(&reports, out)
-    }
-
-    fn next_deadline(&self) -> Option<SystemTime> {
-        self.engine.next_deadline()
-    }
-
-    /// Sleeps until the deadline, or forever when there is none (no periodic tick).
-    async fn sleep_until(deadline: Option<SystemTime>) {
-        match deadline {
-            Some(at) => {
-                let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-                tokio::time::sleep(wait).await;
-            }
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Hands reports to the Kubernetes exporter (which never blocks), or prints them.
-    fn export(&self, reports: &[Report], out: &mut impl std::io::Write) -> anyhow::Result<()> {
-        for report in reports {
-            match &self.exporter {
-                Some(exporter) => {
-                    tracing::info!(report = %serde_json::to_string(report).unwrap_or_default(), "problem");
-                    exporter.export(report);
-                }
-                None => {
-                    serde_json::to_writer(&mut *out, report).context("encoding a report")?;
-                    writeln!(out).context("writing to stdout")?;
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 fn reader_error(sensor: &Sensor) -> String {
@@ -242,6 +419,7 @@ fn stats_line(sensor: &Sensor) -> serde_json::Value {
         "kmsg_lost": stats.kmsg_lost.load(Ordering::Relaxed),
         "kmsg_overruns": stats.kmsg_overruns.load(Ordering::Relaxed),
         "decode_errors": stats.decode_errors.load(Ordering::Relaxed),
+        "reader_restarts": stats.reader_restarts.load(Ordering::Relaxed),
         "lost": sensor.lost_total(),
     })
 }

@@ -242,7 +242,15 @@ impl K8sExporter {
             config,
         };
         let shutdown_timeout = worker.config.shutdown_timeout;
-        let task = tokio::spawn(worker.run());
+        shared
+            .counters
+            .running
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let task = tokio::spawn(async move {
+            // Cleared however the task ends (return, panic or abort), for `/healthz`.
+            let _running = RunningFlag(Arc::clone(&worker.shared));
+            worker.run().await;
+        });
         Ok(K8sHandle {
             shared,
             shutdown: shutdown_tx,
@@ -310,6 +318,12 @@ impl K8sHandle {
         self.shared.stats()
     }
 
+    /// Reads the counters later, without the handle (for `/metrics` and `/healthz`).
+    pub fn stats_reader(&self) -> impl Fn() -> K8sStats + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.stats()
+    }
+
     /// Stops the exporter after writing what is pending (newest condition states first, then
     /// queued Events), spending at most the configured `shutdown_timeout` on it.
     pub async fn shutdown(mut self) -> K8sStats {
@@ -338,6 +352,15 @@ fn event_type(severity: Severity) -> &'static str {
     match severity {
         Severity::Warning => "Warning",
         Severity::Normal => "Normal",
+    }
+}
+
+/// Clears `running` when dropped with the exporter task.
+struct RunningFlag(Arc<Shared>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        Counters::set(&self.0.counters.running, false);
     }
 }
 

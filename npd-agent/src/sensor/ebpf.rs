@@ -17,10 +17,11 @@ use npd_common::{LossReason, ProgramConfig, RecordKind, loss_slot};
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 
 use super::{
-    Losses, SensorConfig, SensorStats,
+    Losses, ReaderControl, SensorConfig, SensorStats,
     blockdev::SysfsDeviceNames,
     decode::{self, Layouts},
     format::TracepointFormat,
+    supervise,
 };
 use crate::event::KernelEvent;
 
@@ -40,10 +41,30 @@ struct Probe {
 
 /// The loader table: what npd attaches, in order.
 const PROBES: [Probe; 5] = [
-    Probe { program: "console", group: "printk", name: "console", fallback_for: None },
-    Probe { program: "sched_process_hang", group: "sched", name: "sched_process_hang", fallback_for: None },
-    Probe { program: "mark_victim", group: "oom", name: "mark_victim", fallback_for: None },
-    Probe { program: "block_rq_error", group: "block", name: "block_rq_error", fallback_for: None },
+    Probe {
+        program: "console",
+        group: "printk",
+        name: "console",
+        fallback_for: None,
+    },
+    Probe {
+        program: "sched_process_hang",
+        group: "sched",
+        name: "sched_process_hang",
+        fallback_for: None,
+    },
+    Probe {
+        program: "mark_victim",
+        group: "oom",
+        name: "mark_victim",
+        fallback_for: None,
+    },
+    Probe {
+        program: "block_rq_error",
+        group: "block",
+        name: "block_rq_error",
+        fallback_for: None,
+    },
     Probe {
         program: "block_rq_complete",
         group: "block",
@@ -60,9 +81,61 @@ pub struct EbpfSource {
     pub disabled: Vec<(String, String)>,
     /// Whether `printk:console` is attached.
     pub console_attached: bool,
-    losses: Mutex<PerCpuArray<MapData, u64>>,
+    losses: Arc<LossCounters>,
     // Keeps the programs loaded and attached; the maps we use were taken out of it.
     _ebpf: Ebpf,
+}
+
+/// The programs' per-CPU loss counters (the `LOSSES` map). Shared with metrics and health,
+/// which read it when asked; holding it does not keep the programs attached.
+pub struct LossCounters {
+    map: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl LossCounters {
+    /// Sums the per-CPU loss counters (one map lookup per slot).
+    pub fn read(&self) -> Losses {
+        let mut out = Losses::default();
+        let Ok(map) = self.map.lock() else { return out };
+        let kinds = [
+            (0, RecordKind::Console),
+            (1, RecordKind::HungTask),
+            (2, RecordKind::OomVictim),
+            (3, RecordKind::BlockError),
+            (3, RecordKind::BlockComplete),
+        ];
+        for (index, kind) in kinds {
+            let sum = |reason| {
+                map.get(&loss_slot(kind, reason), 0)
+                    .map(|values| values.iter().sum::<u64>())
+                    .unwrap_or(0)
+            };
+            out.ring_full[index] += sum(LossReason::RingFull);
+            out.read_errors[index] += sum(LossReason::ReadError);
+        }
+        out
+    }
+}
+
+/// The ring-buffer reader, restarted by [`supervise`] on the same ring after a failure.
+struct RingReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    layouts: Layouts,
+    devices: SysfsDeviceNames,
+    tx: mpsc::Sender<KernelEvent>,
+    stats: Arc<SensorStats>,
+}
+
+impl supervise::Reader for RingReader {
+    fn run(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send + '_ {
+        read_ring(
+            &mut self.ring,
+            &self.layouts,
+            &mut self.devices,
+            &self.tx,
+            &self.stats,
+        )
+    }
 }
 
 impl EbpfSource {
@@ -71,11 +144,14 @@ impl EbpfSource {
         config: &SensorConfig,
         tx: mpsc::Sender<KernelEvent>,
         stats: Arc<SensorStats>,
+        control: Arc<ReaderControl>,
     ) -> anyhow::Result<(EbpfSource, JoinHandle<()>)> {
         use anyhow::Context as _;
 
         if PROGRAMS.is_empty() {
-            anyhow::bail!("this binary was built without its eBPF programs (AYA_BUILD_SKIP was set)");
+            anyhow::bail!(
+                "this binary was built without its eBPF programs (AYA_BUILD_SKIP was set)"
+            );
         }
         if !config.ring_buffer_size.is_power_of_two() || config.ring_buffer_size < 4096 {
             anyhow::bail!(
@@ -97,10 +173,18 @@ impl EbpfSource {
             {
                 continue;
             }
-            let path = config.tracefs.join("events").join(probe.group).join(probe.name).join("format");
+            let path = config
+                .tracefs
+                .join("events")
+                .join(probe.group)
+                .join(probe.name)
+                .join("format");
             let outcome = TracepointFormat::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|format| apply_format(probe, &format, &mut program_config, &mut layouts).map_err(|e| e.to_string()));
+                .and_then(|format| {
+                    apply_format(probe, &format, &mut program_config, &mut layouts)
+                        .map_err(|e| e.to_string())
+                });
             match outcome {
                 Ok(()) => usable.push(probe),
                 Err(why) => disabled.push((format!("{}:{}", probe.group, probe.name), why)),
@@ -133,45 +217,51 @@ impl EbpfSource {
             anyhow::bail!("no tracepoint could be attached");
         }
 
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing from the eBPF object")?)
-            .context("opening the EVENTS ring buffer")?;
-        let losses = PerCpuArray::try_from(ebpf.take_map("LOSSES").context("map LOSSES missing from the eBPF object")?)
-            .context("opening the LOSSES counters")?;
-        let ring = super::register_readable(ring).context("registering the ring buffer with the reactor")?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .context("map EVENTS missing from the eBPF object")?,
+        )
+        .context("opening the EVENTS ring buffer")?;
+        let losses = PerCpuArray::try_from(
+            ebpf.take_map("LOSSES")
+                .context("map LOSSES missing from the eBPF object")?,
+        )
+        .context("opening the LOSSES counters")?;
+        let ring = super::register_readable(ring)
+            .context("registering the ring buffer with the reactor")?;
 
-        let task = tokio::spawn(async move {
-            if let Err(err) = read_ring(ring, layouts, tx, stats.clone()).await {
-                stats.reader_failed("eBPF ring buffer", err);
-            }
-        });
+        let reader = RingReader {
+            ring,
+            layouts,
+            devices: SysfsDeviceNames::default(),
+            tx,
+            stats: stats.clone(),
+        };
+        let task = supervise::spawn("eBPF ring buffer", reader, stats, control);
         let console_attached = attached.iter().any(|a| a == "printk:console");
+        let losses = Arc::new(LossCounters {
+            map: Mutex::new(losses),
+        });
         Ok((
-            EbpfSource { attached, disabled, console_attached, losses: Mutex::new(losses), _ebpf: ebpf },
+            EbpfSource {
+                attached,
+                disabled,
+                console_attached,
+                losses,
+                _ebpf: ebpf,
+            },
             task,
         ))
     }
 
     /// Sums the per-CPU loss counters.
     pub fn losses(&self) -> Losses {
-        let mut out = Losses::default();
-        let Ok(map) = self.losses.lock() else { return out };
-        let kinds = [
-            (0, RecordKind::Console),
-            (1, RecordKind::HungTask),
-            (2, RecordKind::OomVictim),
-            (3, RecordKind::BlockError),
-            (3, RecordKind::BlockComplete),
-        ];
-        for (index, kind) in kinds {
-            let sum = |reason| {
-                map.get(&loss_slot(kind, reason), 0)
-                    .map(|values| values.iter().sum::<u64>())
-                    .unwrap_or(0)
-            };
-            out.ring_full[index] += sum(LossReason::RingFull);
-            out.read_errors[index] += sum(LossReason::ReadError);
-        }
-        out
+        self.losses.read()
+    }
+
+    /// The loss counters, to read later without this source.
+    pub fn loss_counters(&self) -> Arc<LossCounters> {
+        self.losses.clone()
     }
 }
 
@@ -202,25 +292,31 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
         .ok_or_else(|| format!("program {} missing from the eBPF object", probe.program))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    program.load().map_err(|e| format!("loading: {}", chain(&e)))?;
-    program.attach(probe.group, probe.name).map_err(|e| format!("attaching: {}", chain(&e)))?;
+    program
+        .load()
+        .map_err(|e| format!("loading: {}", chain(&e)))?;
+    program
+        .attach(probe.group, probe.name)
+        .map_err(|e| format!("attaching: {}", chain(&e)))?;
     Ok(())
 }
 
 /// Reads the ring buffer each time it becomes readable, until the receiver goes away.
 async fn read_ring(
-    mut ring: AsyncFd<RingBuf<MapData>>,
-    layouts: Layouts,
-    tx: mpsc::Sender<KernelEvent>,
-    stats: Arc<SensorStats>,
+    ring: &mut AsyncFd<RingBuf<MapData>>,
+    layouts: &Layouts,
+    devices: &mut SysfsDeviceNames,
+    tx: &mpsc::Sender<KernelEvent>,
+    stats: &SensorStats,
 ) -> std::io::Result<()> {
-    let mut devices = SysfsDeviceNames::default();
     loop {
         let mut guard = ring.readable_mut().await?;
         loop {
             let decoded = {
-                let Some(item) = guard.get_inner_mut().next() else { break };
-                decode::decode(&item, &layouts, &mut devices)
+                let Some(item) = guard.get_inner_mut().next() else {
+                    break;
+                };
+                decode::decode(&item, layouts, devices)
             };
             match decoded {
                 Ok(event) => {
@@ -263,15 +359,26 @@ fn ensure_tracefs(dir: &Path) -> anyhow::Result<()> {
     let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         let hint = match err.raw_os_error() {
-            Some(libc::EPERM) => " (needs root or CAP_SYS_ADMIN; or mount it: mount -t tracefs nodev /sys/kernel/tracing)",
+            Some(libc::EPERM) => {
+                " (needs root or CAP_SYS_ADMIN; or mount it: mount -t tracefs nodev /sys/kernel/tracing)"
+            }
             _ => "",
         };
-        anyhow::bail!("tracefs is not mounted at {} and mounting it failed: {err}{hint}", dir.display());
+        anyhow::bail!(
+            "tracefs is not mounted at {} and mounting it failed: {err}{hint}",
+            dir.display()
+        );
     }
     tracing::info!("mounted tracefs at {}", dir.display());
     Ok(())
@@ -279,10 +386,16 @@ fn ensure_tracefs(dir: &Path) -> anyhow::Result<()> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (harmless on newer ones).
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: a plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

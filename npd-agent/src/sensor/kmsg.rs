@@ -111,7 +111,12 @@ impl KmsgReader {
         let cpath = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
         // SAFETY: a valid C string; the returned fd is owned below.
-        let raw = unsafe { libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        let raw = unsafe {
+            libc::open(
+                cpath.as_ptr(),
+                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -142,8 +147,13 @@ impl KmsgReader {
         read_record(self.fd.as_raw_fd(), &mut self.buf)
     }
 
-    /// Reads until the receiver goes away. Returns an error only when the device itself fails.
-    pub async fn run(mut self, tx: mpsc::Sender<KernelEvent>, stats: Arc<SensorStats>) -> io::Result<()> {
+    /// Reads until the receiver goes away. Returns an error only when the device itself fails;
+    /// the reader can then be run again.
+    pub async fn run(
+        &mut self,
+        tx: &mpsc::Sender<KernelEvent>,
+        stats: &SensorStats,
+    ) -> io::Result<()> {
         loop {
             let mut guard = self.fd.readable().await?;
             loop {
@@ -182,6 +192,19 @@ impl KmsgReader {
     }
 }
 
+/// A [`KmsgReader`] with its consumer, as the supervisor restarts it.
+pub(crate) struct KmsgTask {
+    pub(crate) reader: KmsgReader,
+    pub(crate) tx: mpsc::Sender<KernelEvent>,
+    pub(crate) stats: Arc<SensorStats>,
+}
+
+impl super::supervise::Reader for KmsgTask {
+    fn run(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
+        self.reader.run(&self.tx, &self.stats)
+    }
+}
+
 /// One non-blocking read of a record into `buf`: `Ok(Some(len))`, `Ok(None)` when nothing is
 /// pending.
 fn read_record(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
@@ -207,8 +230,19 @@ mod tests {
     #[test]
     fn parses_records() {
         let rec = parse_record(b"6,1234,5678901,-;hello world\n").unwrap();
-        assert_eq!(rec, KmsgRecord { priority: 6, seq: 1234, usec: 5678901, text: "hello world".into() });
-        let rec = parse_record(b"3,7,100,-,caller=T42;sd 0:0:0:0: oops\n SUBSYSTEM=scsi\n DEVICE=+scsi:0:0:0:0\n").unwrap();
+        assert_eq!(
+            rec,
+            KmsgRecord {
+                priority: 6,
+                seq: 1234,
+                usec: 5678901,
+                text: "hello world".into()
+            }
+        );
+        let rec = parse_record(
+            b"3,7,100,-,caller=T42;sd 0:0:0:0: oops\n SUBSYSTEM=scsi\n DEVICE=+scsi:0:0:0:0\n",
+        )
+        .unwrap();
         assert_eq!(rec.text, "sd 0:0:0:0: oops");
         assert_eq!(rec.seq, 7);
         let rec = parse_record(b"4,8,1,c;a\\x5cb\\x0ac\\xffd\\xZZ").unwrap();

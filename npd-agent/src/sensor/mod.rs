@@ -15,6 +15,7 @@ pub mod decode;
 pub mod ebpf;
 pub mod format;
 pub mod kmsg;
+pub mod supervise;
 
 use std::{
     path::PathBuf,
@@ -29,12 +30,17 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 pub use crate::cli::SourceChoice;
 use crate::event::KernelEvent;
+pub use supervise::ReaderControl;
 
 /// Registers a descriptor we own with the tokio reactor, for readability.
-pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
+pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
+    inner: T,
+) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: `inner` owns its descriptor, and the AsyncFd owns `inner`: the descriptor is
     // neither closed nor replaced while registered.
-    Ok(unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }?)
+    Ok(unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }?)
 }
 
 /// How the sensor is set up.
@@ -139,12 +145,14 @@ pub struct SensorStats {
     pub kmsg_overruns: AtomicU64,
     /// False once a reader stopped (its error is in `reader_error`).
     pub reading: AtomicBool,
-    /// Why a reader stopped, if one did.
+    /// Why a reader last stopped, if one did (kept after a restart, for the record).
     pub reader_error: Mutex<Option<String>>,
+    /// Times a failed reader was restarted.
+    pub reader_restarts: AtomicU64,
 }
 
 impl SensorStats {
-    fn reader_failed(&self, what: &str, err: impl std::fmt::Display) {
+    pub(crate) fn reader_failed(&self, what: &str, err: impl std::fmt::Display) {
         tracing::error!("{what} reader stopped: {err}");
         self.reading.store(false, Ordering::SeqCst);
         if let Ok(mut slot) = self.reader_error.lock() {
@@ -184,6 +192,8 @@ pub struct Sensor {
     pub kmsg_reader: bool,
     /// Live counters.
     pub stats: Arc<SensorStats>,
+    control: Arc<ReaderControl>,
+    loss_counters: Option<Arc<ebpf::LossCounters>>,
     ebpf: Option<ebpf::EbpfSource>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -194,9 +204,15 @@ impl Sensor {
         let (tx, events) = mpsc::channel(config.channel_capacity);
         let stats = Arc::new(SensorStats::default());
         stats.reading.store(true, Ordering::SeqCst);
+        let control = Arc::new(ReaderControl::default());
         let ebpf_result = match config.source {
             SourceChoice::Kmsg => None,
-            SourceChoice::Ebpf | SourceChoice::Auto => Some(ebpf::EbpfSource::start(config, tx.clone(), stats.clone())),
+            SourceChoice::Ebpf | SourceChoice::Auto => Some(ebpf::EbpfSource::start(
+                config,
+                tx.clone(),
+                stats.clone(),
+                control.clone(),
+            )),
         };
         let mut sensor = Sensor {
             events,
@@ -205,6 +221,8 @@ impl Sensor {
             disabled: Vec::new(),
             kmsg_reader: false,
             stats: stats.clone(),
+            control: control.clone(),
+            loss_counters: None,
             ebpf: None,
             tasks: Vec::new(),
         };
@@ -214,19 +232,27 @@ impl Sensor {
                 sensor.attached = source.attached.clone();
                 sensor.disabled = source.disabled.clone();
                 let console = source.console_attached;
+                sensor.loss_counters = Some(source.loss_counters());
                 sensor.ebpf = Some(source);
                 sensor.tasks.push(task);
                 if console {
                     return Ok(sensor);
                 }
                 if config.source == SourceChoice::Ebpf {
-                    tracing::warn!("printk:console is not attached and --source ebpf forbids /dev/kmsg: no kernel messages");
+                    tracing::warn!(
+                        "printk:console is not attached and --source ebpf forbids /dev/kmsg: no kernel messages"
+                    );
                     return Ok(sensor);
                 }
-                tracing::warn!("printk:console is not attached: reading kernel messages from {}", config.kmsg_path.display());
+                tracing::warn!(
+                    "printk:console is not attached: reading kernel messages from {}",
+                    config.kmsg_path.display()
+                );
                 None
             }
-            Some(Err(err)) if config.source == SourceChoice::Ebpf => return Err(SensorError::Ebpf(err.to_string())),
+            Some(Err(err)) if config.source == SourceChoice::Ebpf => {
+                return Err(SensorError::Ebpf(err.to_string()));
+            }
             Some(Err(err)) => Some(err.to_string()),
             None => None,
         };
@@ -239,9 +265,16 @@ impl Sensor {
                     }
                     _ => "",
                 };
-                let err = SensorError::Kmsg { path: config.kmsg_path.display().to_string(), source, hint };
+                let err = SensorError::Kmsg {
+                    path: config.kmsg_path.display().to_string(),
+                    source,
+                    hint,
+                };
                 return Err(match ebpf_failure {
-                    Some(ebpf) => SensorError::NoSource { ebpf, kmsg: err.to_string() },
+                    Some(ebpf) => SensorError::NoSource {
+                        ebpf,
+                        kmsg: err.to_string(),
+                    },
                     None => err,
                 });
             }
@@ -254,23 +287,114 @@ impl Sensor {
             );
         }
         sensor.kmsg_reader = true;
-        let task_stats = stats.clone();
-        sensor.tasks.push(tokio::spawn(async move {
-            if let Err(err) = reader.run(tx, task_stats.clone()).await {
-                task_stats.reader_failed("/dev/kmsg", err);
-            }
-        }));
+        let task = kmsg::KmsgTask {
+            reader,
+            tx,
+            stats: stats.clone(),
+        };
+        sensor
+            .tasks
+            .push(supervise::spawn("/dev/kmsg", task, stats, control));
         Ok(sensor)
     }
 
     /// What the eBPF programs could not deliver so far (zero for `/dev/kmsg`).
     pub fn losses(&self) -> Losses {
-        self.ebpf.as_ref().map(|e| e.losses()).unwrap_or_default()
+        self.loss_counters
+            .as_ref()
+            .map(|l| l.read())
+            .unwrap_or_default()
     }
 
     /// Everything lost so far, from any source.
     pub fn lost_total(&self) -> u64 {
         self.losses().total() + self.stats.kmsg_lost.load(Ordering::Relaxed)
+    }
+
+    /// A cheap, clonable view of the sensor's state and counters for metrics and health, valid
+    /// for as long as the process runs (it does not keep the programs attached).
+    pub fn probe(&self) -> SensorProbe {
+        SensorProbe {
+            source: self.source,
+            attached: self.attached.clone().into(),
+            disabled: self.disabled.clone().into(),
+            kmsg_reader: self.kmsg_reader,
+            stats: self.stats.clone(),
+            control: self.control.clone(),
+            loss_counters: self.loss_counters.clone(),
+        }
+    }
+}
+
+/// What metrics and health read from a running sensor, at the moment they are asked (nothing
+/// polls). Obtained with [`Sensor::probe`].
+#[derive(Clone)]
+pub struct SensorProbe {
+    /// The active source.
+    pub source: ActiveSource,
+    /// Tracepoints attached (`group:name`).
+    pub attached: Arc<[String]>,
+    /// Tracepoints not attached, with the reason.
+    pub disabled: Arc<[(String, String)]>,
+    /// Whether kernel messages come from `/dev/kmsg`.
+    pub kmsg_reader: bool,
+    /// Live counters.
+    pub stats: Arc<SensorStats>,
+    control: Arc<ReaderControl>,
+    loss_counters: Option<Arc<ebpf::LossCounters>>,
+}
+
+impl std::fmt::Debug for SensorProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SensorProbe")
+            .field("source", &self.source)
+            .field("attached", &self.attached)
+            .field("kmsg_reader", &self.kmsg_reader)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SensorProbe {
+    /// A probe of counters without a running sensor (tests, tools that count by hand).
+    pub fn detached(source: ActiveSource, stats: Arc<SensorStats>) -> Self {
+        SensorProbe {
+            source,
+            attached: Arc::from([]),
+            disabled: Arc::from([]),
+            kmsg_reader: source == ActiveSource::Kmsg,
+            stats,
+            control: Arc::new(ReaderControl::default()),
+            loss_counters: None,
+        }
+    }
+
+    /// What the eBPF programs could not deliver so far (zero for `/dev/kmsg`); one map read.
+    pub fn losses(&self) -> Losses {
+        self.loss_counters
+            .as_ref()
+            .map(|l| l.read())
+            .unwrap_or_default()
+    }
+
+    /// Everything lost so far, from any source.
+    pub fn lost_total(&self) -> u64 {
+        self.losses().total() + self.stats.kmsg_lost.load(Ordering::Relaxed)
+    }
+
+    /// Whether a reader task is running now.
+    pub fn reading(&self) -> bool {
+        self.stats.reading.load(Ordering::SeqCst)
+    }
+
+    /// Why the reader last stopped, if it ever did.
+    pub fn reader_error(&self) -> Option<String> {
+        self.stats.reader_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Fault injection: kills the running reader(s) and keeps them down for `down_for`. Only
+    /// reachable through `--debug-endpoints`; see [`supervise`].
+    pub fn kill_reader(&self, down_for: std::time::Duration) {
+        self.control.kill(down_for);
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::{
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 /// The API calls the exporter makes.
@@ -82,6 +82,11 @@ pub struct K8sStats {
     pub api_available: bool,
     /// Gauge: the Node was read and its conditions adopted.
     pub node_adopted: bool,
+    /// Since when every API call has failed (`None` while the last call succeeded or before
+    /// the first one).
+    pub api_failing_since: Option<SystemTime>,
+    /// Whether the exporter task is running (false once it ended, or if it panicked).
+    pub running: bool,
 }
 
 impl K8sStats {
@@ -111,6 +116,9 @@ pub(super) struct Counters {
     pub(super) events_dropped_at_shutdown: AtomicU64,
     pub(super) api_available: AtomicBool,
     pub(super) node_adopted: AtomicBool,
+    /// Unix time in nanoseconds of the first failure since the last success; 0 when none.
+    failing_since_nanos: AtomicU64,
+    pub(super) running: AtomicBool,
 }
 
 impl Counters {
@@ -126,6 +134,21 @@ impl Counters {
             }
         }
         self.api_available.store(ok, Ordering::Relaxed);
+        if ok {
+            self.failing_since_nanos.store(0, Ordering::Relaxed);
+        } else {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(1, |d| {
+                    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+                });
+            let _ = self.failing_since_nanos.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Adds `n`; returns the new value.
@@ -156,6 +179,11 @@ impl Counters {
             events_queued,
             api_available: self.api_available.load(Ordering::Relaxed),
             node_adopted: self.node_adopted.load(Ordering::Relaxed),
+            api_failing_since: match get(&self.failing_since_nanos) {
+                0 => None,
+                n => Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(n)),
+            },
+            running: self.running.load(Ordering::Relaxed),
         }
     }
 }
@@ -182,7 +210,16 @@ mod tests {
         );
         assert_eq!(create.ok, 1);
         assert!(s.api_available);
+        assert_eq!(s.api_failing_since, None, "the last call succeeded");
         assert_eq!(s.call(ApiCall::GetNode), &CallStats::default());
+        c.record_call(ApiCall::PatchNodeStatus, false, Duration::from_millis(1));
+        let since = c.snapshot(0).api_failing_since.expect("failing");
+        c.record_call(ApiCall::PatchNodeStatus, false, Duration::from_millis(1));
+        assert_eq!(
+            c.snapshot(0).api_failing_since,
+            Some(since),
+            "since the first failure"
+        );
         for (i, call) in ApiCall::ALL.iter().enumerate() {
             assert_eq!(*call as usize, i);
         }

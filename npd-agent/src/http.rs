@@ -1,0 +1,452 @@
+//! The HTTP endpoints, on two listeners as NPD has them:
+//! * the health port (`--address`/`--port`, default 127.0.0.1:20256): `GET /healthz`,
+//!   `GET /conditions`; with `--debug-endpoints` (off by default) also the test controls
+//!   `POST /debug/sensor/kill-reader?down=DURATION` (fault injection: kills the sensor's reader
+//!   and keeps it down that long) and `POST /debug/report?kind=event&reason=..&message=..`
+//!   (feeds a report through the same path as the rules engine's);
+//! * the Prometheus port (`--prometheus-address`/`--prometheus-port`, default
+//!   127.0.0.1:20257): `GET /metrics`.
+//!
+//! Routing is a plain function from (method, path, query) to a [`Reply`], tested without
+//! sockets; [`serve`] puts it on HTTP/1.1 with hyper.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+
+use crate::{
+    health::{ConditionBoard, Health},
+    metrics::{self, Metrics},
+    problem::{Condition, ConditionChange, ConditionStatus, ProblemEvent, Report, Severity},
+    sensor::SensorProbe,
+};
+
+/// A response, before it is put on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: String,
+}
+
+impl Reply {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    fn not_found() -> Self {
+        Self::text(404, "not found\n")
+    }
+
+    fn method_not_allowed() -> Self {
+        Self::text(405, "method not allowed\n")
+    }
+}
+
+/// What a listener answers.
+pub trait Routes: Send + Sync + 'static {
+    /// Answers one request. `query` is the raw query string (empty when there is none).
+    fn respond(&self, method: &Method, path: &str, query: &str) -> Reply;
+}
+
+/// `/metrics`.
+#[derive(Debug)]
+pub struct MetricsRoutes {
+    /// The metrics to expose.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Routes for MetricsRoutes {
+    fn respond(&self, method: &Method, path: &str, _query: &str) -> Reply {
+        match (path, method) {
+            ("/metrics", &Method::GET | &Method::HEAD) => Reply {
+                status: 200,
+                content_type: metrics::CONTENT_TYPE,
+                body: self.metrics.encode(),
+            },
+            ("/metrics", _) => Reply::method_not_allowed(),
+            _ => Reply::not_found(),
+        }
+    }
+}
+
+/// Test controls, enabled by `--debug-endpoints`.
+#[derive(Debug)]
+pub struct DebugControls {
+    /// The sensor whose reader `kill-reader` kills.
+    pub sensor: SensorProbe,
+    /// Where injected reports go (the daemon's report path).
+    pub reports: mpsc::Sender<Report>,
+}
+
+/// `/healthz`, `/conditions` and, when enabled, `/debug/...`.
+#[derive(Debug)]
+pub struct HealthRoutes {
+    /// npd's health.
+    pub health: Arc<Health>,
+    /// The current conditions.
+    pub conditions: Arc<ConditionBoard>,
+    /// Test controls; `None` unless `--debug-endpoints`.
+    pub debug: Option<DebugControls>,
+}
+
+impl Routes for HealthRoutes {
+    fn respond(&self, method: &Method, path: &str, query: &str) -> Reply {
+        let get = matches!(*method, Method::GET | Method::HEAD);
+        match path {
+            "/healthz" if get => {
+                let report = self.health.check();
+                Reply::text(report.status(), report.body())
+            }
+            "/conditions" if get => Reply {
+                status: 200,
+                content_type: "application/json",
+                body: format!("{}\n", self.conditions.to_json()),
+            },
+            "/healthz" | "/conditions" => Reply::method_not_allowed(),
+            p if p.starts_with("/debug/") => match &self.debug {
+                None => Reply::not_found(),
+                Some(_) if *method != Method::POST => Reply::method_not_allowed(),
+                Some(debug) => debug.respond(path, query),
+            },
+            _ => Reply::not_found(),
+        }
+    }
+}
+
+impl DebugControls {
+    fn respond(&self, path: &str, query: &str) -> Reply {
+        let params = parse_query(query);
+        let param = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        match path {
+            "/debug/sensor/kill-reader" => {
+                let down = match param("down").map(humantime::parse_duration).transpose() {
+                    Ok(down) => down.unwrap_or(Duration::ZERO),
+                    Err(e) => return Reply::text(400, format!("bad down= duration: {e}\n")),
+                };
+                tracing::warn!(
+                    "fault injection: killing the sensor reader, down for {}",
+                    humantime::format_duration(down)
+                );
+                self.sensor.kill_reader(down);
+                Reply::text(
+                    202,
+                    format!(
+                        "killing the sensor reader; restarting in {}\n",
+                        humantime::format_duration(down)
+                    ),
+                )
+            }
+            "/debug/report" => match report_from_params(&param) {
+                Ok(report) => match self.reports.try_send(report) {
+                    Ok(()) => Reply::text(202, "queued\n"),
+                    Err(e) => Reply::text(503, format!("report queue: {e}\n")),
+                },
+                Err(why) => Reply::text(400, format!("{why}\n")),
+            },
+            _ => Reply::not_found(),
+        }
+    }
+}
+
+/// Builds a report from `kind=event|condition`, `source`, `reason`, `message`, and for
+/// conditions `type` and `status`.
+fn report_from_params<'a>(param: &dyn Fn(&str) -> Option<&'a str>) -> Result<Report, String> {
+    let reason = param("reason").ok_or("reason= is required")?.to_string();
+    let source = param("source").unwrap_or("kernel-monitor").to_string();
+    let message = param("message").unwrap_or_default().to_string();
+    match param("kind").unwrap_or("event") {
+        "event" => Ok(Report::Event(ProblemEvent {
+            source,
+            severity: Severity::Warning,
+            reason,
+            message,
+            timestamp: std::time::SystemTime::now(),
+            fields: serde_json::Map::new(),
+        })),
+        "condition" => {
+            let status = match param("status").unwrap_or("True") {
+                "True" => ConditionStatus::True,
+                "False" => ConditionStatus::False,
+                "Unknown" => ConditionStatus::Unknown,
+                other => return Err(format!("status={other}: expected True, False or Unknown")),
+            };
+            Ok(Report::Condition(ConditionChange {
+                source,
+                condition: Condition {
+                    type_: param("type")
+                        .ok_or("type= is required for a condition")?
+                        .to_string(),
+                    status,
+                    reason,
+                    message,
+                    transition_time: std::time::SystemTime::now(),
+                },
+            }))
+        }
+        other => Err(format!("kind={other}: expected event or condition")),
+    }
+}
+
+/// Splits `a=1&b=x%20y` into decoded pairs (`+` is a space).
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+                    if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                        out.push(h << 4 | l);
+                        i += 3;
+                        continue;
+                    }
+                    out.push(b'%');
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+/// Binds a listener, saying which flag to change when the address is taken.
+pub async fn bind(addr: SocketAddr, flag: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("listening on {addr} ({flag}): {e}")))
+}
+
+/// Serves `routes` on `listener` until the task is aborted.
+pub fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors and the like: do not spin.
+                    tracing::warn!("accepting an HTTP connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let routes = routes.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let reply = routes.respond(
+                        req.method(),
+                        req.uri().path(),
+                        req.uri().query().unwrap_or(""),
+                    );
+                    let head = *req.method() == Method::HEAD;
+                    async move { Ok::<_, Infallible>(to_response(reply, head)) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = connection.await {
+                    tracing::debug!("HTTP connection: {e}");
+                }
+            });
+        }
+    })
+}
+
+fn to_response(reply: Reply, head: bool) -> Response<Full<Bytes>> {
+    let body = if head {
+        Bytes::new()
+    } else {
+        Bytes::from(reply.body)
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(reply.content_type),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::sensor::{ActiveSource, SensorStats};
+
+    fn routes(debug: bool) -> (HealthRoutes, Arc<SensorStats>, mpsc::Receiver<Report>) {
+        let stats = Arc::new(SensorStats::default());
+        stats.reading.store(true, Ordering::SeqCst);
+        let probe = SensorProbe::detached(ActiveSource::Kmsg, stats.clone());
+        let (tx, rx) = mpsc::channel(4);
+        let routes = HealthRoutes {
+            health: Arc::new(Health::new(probe.clone(), Duration::from_secs(60))),
+            conditions: Arc::new(ConditionBoard::new()),
+            debug: debug.then_some(DebugControls {
+                sensor: probe,
+                reports: tx,
+            }),
+        };
+        (routes, stats, rx)
+    }
+
+    #[test]
+    fn health_and_conditions() {
+        let (routes, stats, _rx) = routes(false);
+        let reply = routes.respond(&Method::GET, "/healthz", "");
+        assert_eq!(reply.status, 200);
+        assert!(reply.body.starts_with("ok\n"));
+        stats.reading.store(false, Ordering::SeqCst);
+        let reply = routes.respond(&Method::GET, "/healthz", "");
+        assert_eq!(reply.status, 503);
+        assert!(
+            reply
+                .body
+                .starts_with("unhealthy\nproblem: sensor is not reading kernel events"),
+            "{}",
+            reply.body
+        );
+        let reply = routes.respond(&Method::GET, "/conditions", "");
+        assert_eq!(
+            (reply.status, reply.content_type, reply.body.as_str()),
+            (200, "application/json", "[]\n")
+        );
+        assert_eq!(routes.respond(&Method::POST, "/healthz", "").status, 405);
+        assert_eq!(routes.respond(&Method::GET, "/nope", "").status, 404);
+    }
+
+    #[test]
+    fn debug_endpoints_are_off_by_default() {
+        let (routes, _, _rx) = routes(false);
+        assert_eq!(
+            routes
+                .respond(&Method::POST, "/debug/sensor/kill-reader", "")
+                .status,
+            404
+        );
+        assert_eq!(
+            routes
+                .respond(&Method::POST, "/debug/report", "reason=KernelOops")
+                .status,
+            404
+        );
+    }
+
+    #[test]
+    fn debug_report_injection() {
+        let (routes, _, mut rx) = routes(true);
+        let reply = routes.respond(
+            &Method::POST,
+            "/debug/report",
+            "reason=KernelOops&message=BUG%3A+unable+to+handle+kernel+NULL+pointer+dereference",
+        );
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        let Some(Report::Event(event)) = rx.try_recv().ok() else {
+            panic!("no event queued")
+        };
+        assert_eq!(
+            (
+                event.source.as_str(),
+                event.reason.as_str(),
+                event.message.as_str()
+            ),
+            (
+                "kernel-monitor",
+                "KernelOops",
+                "BUG: unable to handle kernel NULL pointer dereference"
+            )
+        );
+        let reply = routes.respond(
+            &Method::POST,
+            "/debug/report",
+            "kind=condition&type=KernelDeadlock&reason=DockerHung",
+        );
+        assert_eq!(reply.status, 202);
+        assert!(
+            matches!(rx.try_recv(), Ok(Report::Condition(c)) if c.condition.status == ConditionStatus::True)
+        );
+        assert_eq!(
+            routes
+                .respond(&Method::POST, "/debug/report", "kind=condition&reason=X")
+                .status,
+            400
+        );
+        assert_eq!(
+            routes
+                .respond(&Method::GET, "/debug/report", "reason=X")
+                .status,
+            405
+        );
+        assert_eq!(
+            routes
+                .respond(&Method::POST, "/debug/sensor/kill-reader", "down=2s")
+                .status,
+            202
+        );
+        assert_eq!(
+            routes
+                .respond(&Method::POST, "/debug/sensor/kill-reader", "down=soon")
+                .status,
+            400
+        );
+    }
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            parse_query("a=1&b=x%20y+z&c&d=%zz&e=%4"),
+            [
+                ("a", "1"),
+                ("b", "x y z"),
+                ("c", ""),
+                ("d", "%zz"),
+                ("e", "%4")
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+    }
+
+    #[test]
+    fn metrics_route() {
+        let routes = MetricsRoutes {
+            metrics: Arc::new(Metrics::new()),
+        };
+        let reply = routes.respond(&Method::GET, "/metrics", "");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.content_type, metrics::CONTENT_TYPE);
+        assert!(reply.body.contains("npd_build_info"));
+        assert_eq!(routes.respond(&Method::GET, "/", "").status, 404);
+    }
+}

@@ -1,0 +1,204 @@
+//! Keeps a reader running: when one fails (an I/O error, a panic, or a kill requested through
+//! [`ReaderControl`]), marks the sensor as not reading, waits with exponential backoff and
+//! starts it again on the same descriptor. [`SensorStats::reading`] is true exactly while a
+//! reader task is running, which is what `/healthz` reports.
+//!
+//! The eBPF programs and the ring buffer are owned by the agent: no other process can detach a
+//! program or close the ring buffer, so there is no external way to make a reader fail. Tests
+//! (and operators who want to see the health check work) use [`ReaderControl::kill`], reachable
+//! only through `POST /debug/sensor/kill-reader` when the agent runs with `--debug-endpoints`
+//! (off by default).
+
+use std::{
+    future::Future,
+    io,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::{sync::Notify, task::JoinHandle};
+
+use super::SensorStats;
+
+/// A reader that runs until its receiver goes away (`Ok`) or it fails (`Err`). It is restarted
+/// on the same value after a failure, so it must keep its descriptor usable.
+pub(crate) trait Reader: Send + 'static {
+    /// Reads until the consumer is gone or an error occurs.
+    fn run(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_;
+}
+
+/// First delay before a restart; doubled after each failure up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest delay between restarts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A reader that ran this long before failing starts the backoff over.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Fault injection for the readers (see the module documentation).
+#[derive(Debug, Default)]
+pub struct ReaderControl {
+    kill: Notify,
+    down_for: Mutex<Option<Duration>>,
+}
+
+impl ReaderControl {
+    /// Kills the running reader (as if it had crashed) and keeps it down for `down_for` before
+    /// the supervisor restarts it. A request made while no reader runs kills the next one.
+    pub fn kill(&self, down_for: Duration) {
+        if let Ok(mut slot) = self.down_for.lock() {
+            *slot = Some(down_for);
+        }
+        self.kill.notify_one();
+    }
+
+    fn take_down_for(&self) -> Option<Duration> {
+        self.down_for.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+/// Aborts the task when dropped, so that aborting the supervisor also stops its reader.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs `reader` under supervision until its consumer goes away.
+pub(crate) fn spawn<R: Reader>(
+    what: &'static str,
+    reader: R,
+    stats: Arc<SensorStats>,
+    control: Arc<ReaderControl>,
+) -> JoinHandle<()> {
+    let reader = Arc::new(tokio::sync::Mutex::new(reader));
+    tokio::spawn(async move {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let running = reader.clone();
+            let mut task = AbortOnDrop(tokio::spawn(
+                async move { running.lock().await.run().await },
+            ));
+            stats.reading.store(true, Ordering::SeqCst);
+            let started = Instant::now();
+            let why = tokio::select! {
+                outcome = &mut task.0 => match outcome {
+                    Ok(Ok(())) => return, // the consumer is gone: nothing left to do
+                    Ok(Err(err)) => err.to_string(),
+                    Err(err) if err.is_panic() => "panicked".to_string(),
+                    Err(_) => "cancelled".to_string(),
+                },
+                () = control.kill.notified() => {
+                    task.0.abort();
+                    let _ = (&mut task.0).await;
+                    "killed on request (fault injection through --debug-endpoints)".to_string()
+                }
+            };
+            stats.reader_failed(what, &why);
+            stats.reader_restarts.fetch_add(1, Ordering::Relaxed);
+            if started.elapsed() >= STABLE_AFTER {
+                backoff = MIN_BACKOFF;
+            }
+            let delay = control.take_down_for().unwrap_or(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tracing::warn!(
+                reader = what,
+                "restarting the {what} reader in {}",
+                humantime::format_duration(delay)
+            );
+            tokio::time::sleep(delay).await;
+            tracing::info!(reader = what, "{what} reader restarted");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails the first `failures` runs, then waits until told to stop.
+    struct Flaky {
+        failures: u32,
+        runs: Arc<std::sync::atomic::AtomicU32>,
+        stop: Arc<Notify>,
+    }
+
+    impl Reader for Flaky {
+        async fn run(&mut self) -> io::Result<()> {
+            let n = self.runs.fetch_add(1, Ordering::SeqCst);
+            if n < self.failures {
+                return Err(io::Error::other(format!("failure {n}")));
+            }
+            self.stop.notified().await;
+            Ok(())
+        }
+    }
+
+    async fn wait_for(what: impl Fn() -> bool) {
+        for _ in 0..10_000 {
+            if what() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("condition not reached");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restarts_failed_readers_with_backoff() {
+        let stats = Arc::new(SensorStats::default());
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let stop = Arc::new(Notify::new());
+        let control = Arc::new(ReaderControl::default());
+        let reader = Flaky {
+            failures: 3,
+            runs: runs.clone(),
+            stop: stop.clone(),
+        };
+        let start = tokio::time::Instant::now();
+        let task = spawn("test", reader, stats.clone(), control);
+        wait_for(|| runs.load(Ordering::SeqCst) == 4).await;
+        // 100 ms + 200 ms + 400 ms of backoff.
+        assert!(
+            start.elapsed() >= Duration::from_millis(700),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(stats.reading.load(Ordering::SeqCst));
+        assert_eq!(stats.reader_restarts.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            stats.reader_error.lock().unwrap().as_deref(),
+            Some("test reader stopped: failure 2")
+        );
+        stop.notify_one();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_killed_reader_stays_down_as_long_as_asked() {
+        let stats = Arc::new(SensorStats::default());
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let stop = Arc::new(Notify::new());
+        let control = Arc::new(ReaderControl::default());
+        let reader = Flaky {
+            failures: 0,
+            runs: runs.clone(),
+            stop: stop.clone(),
+        };
+        let task = spawn("test", reader, stats.clone(), control.clone());
+        wait_for(|| runs.load(Ordering::SeqCst) == 1).await;
+        control.kill(Duration::from_secs(5));
+        wait_for(|| !stats.reading.load(Ordering::SeqCst)).await;
+        let down = tokio::time::Instant::now();
+        wait_for(|| stats.reading.load(Ordering::SeqCst)).await;
+        assert!(
+            down.elapsed() >= Duration::from_millis(4990),
+            "{:?}",
+            down.elapsed()
+        );
+        wait_for(|| runs.load(Ordering::SeqCst) == 2).await;
+        stop.notify_one();
+        task.await.unwrap();
+    }
+}
