@@ -63,7 +63,7 @@ pub struct RunArgs {
     #[arg(long = "config", value_name = "FILE")]
     pub config: Vec<PathBuf>,
     /// Size of the eBPF ring buffer in bytes (a power of two, at least one page).
-    #[arg(long, default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    #[arg(long, default_value_t = crate::sensor::DEFAULT_RING_BUFFER_SIZE, value_name = "BYTES")]
     pub ring_buffer_size: u32,
     /// Where tracefs is (mounted there when it is not).
     #[arg(long, default_value = "/sys/kernel/tracing", value_name = "DIR")]
