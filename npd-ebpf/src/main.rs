@@ -78,7 +78,11 @@ fn header(kind: RecordKind, data_len: u32, orig_len: u32) -> RecordHeader {
 unsafe fn read_kernel(dst: *mut u8, len: u32, src: *const u8) -> Result<(), LossReason> {
     // SAFETY: the helper checks `src` itself; `dst` is valid by this function's contract.
     let ret = unsafe { bpf_probe_read_kernel(dst.cast::<c_void>(), len, src.cast::<c_void>()) };
-    if ret < 0 { Err(LossReason::ReadError) } else { Ok(()) }
+    if ret < 0 {
+        Err(LossReason::ReadError)
+    } else {
+        Ok(())
+    }
 }
 
 /// `printk:console`: one record per printk() call, carrying the message text.
@@ -102,7 +106,8 @@ fn try_console(ctx: &TracePointContext) -> Result<(), LossReason> {
         return Err(LossReason::ReadError);
     }
     // SAFETY: bounded offset into the tracepoint record, read through the probe-read helper.
-    let loc: u32 = unsafe { ctx.read_at(loc_offset as usize) }.map_err(|_| LossReason::ReadError)?;
+    let loc: u32 =
+        unsafe { ctx.read_at(loc_offset as usize) }.map_err(|_| LossReason::ReadError)?;
     // __data_loc: low 16 bits offset of the data from the record start, high 16 bits its length
     // (the kernel stores the message with a terminating NUL).
     let data_offset = loc & 0xffff;
@@ -114,7 +119,9 @@ fn try_console(ctx: &TracePointContext) -> Result<(), LossReason> {
         msg_len
     };
 
-    let record = CONSOLE_SCRATCH.get_ptr_mut(0).ok_or(LossReason::ReadError)?;
+    let record = CONSOLE_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(LossReason::ReadError)?;
     // SAFETY: the scratch slot is this CPU's own and lives as long as the map.
     let text = unsafe { ptr::addr_of_mut!((*record).text) }.cast::<u8>();
     if copy_len > 0 {
@@ -128,7 +135,9 @@ fn try_console(ctx: &TracePointContext) -> Result<(), LossReason> {
         };
     }
     // SAFETY: as above; a plain store of a Copy value.
-    unsafe { ptr::addr_of_mut!((*record).header).write(header(RecordKind::Console, copy_len, msg_len)) };
+    unsafe {
+        ptr::addr_of_mut!((*record).header).write(header(RecordKind::Console, copy_len, msg_len))
+    };
 
     let total = HEADER_LEN + copy_len as usize;
     let total = if total > size_of::<ConsoleRecord>() {
@@ -175,7 +184,10 @@ fn finish_raw(ctx: &TracePointContext, kind: RecordKind, result: Result<(), Loss
     if let Err(reason) = result {
         count_loss(kind, reason);
         if reason == LossReason::ReadError {
-            warn!(ctx, "npd: could not read a tracepoint record (kind {})", kind as u32);
+            warn!(
+                ctx,
+                "npd: could not read a tracepoint record (kind {})", kind as u32
+            );
         }
     }
     0
@@ -184,19 +196,31 @@ fn finish_raw(ctx: &TracePointContext, kind: RecordKind, result: Result<(), Loss
 /// `sched:sched_process_hang`: the hung-task detector found a task stuck in D state.
 #[tracepoint]
 pub fn sched_process_hang(ctx: TracePointContext) -> u32 {
-    finish_raw(&ctx, RecordKind::HungTask, emit_raw(&ctx, RecordKind::HungTask))
+    finish_raw(
+        &ctx,
+        RecordKind::HungTask,
+        emit_raw(&ctx, RecordKind::HungTask),
+    )
 }
 
 /// `oom:mark_victim`: the OOM killer chose a victim.
 #[tracepoint]
 pub fn mark_victim(ctx: TracePointContext) -> u32 {
-    finish_raw(&ctx, RecordKind::OomVictim, emit_raw(&ctx, RecordKind::OomVictim))
+    finish_raw(
+        &ctx,
+        RecordKind::OomVictim,
+        emit_raw(&ctx, RecordKind::OomVictim),
+    )
 }
 
 /// `block:block_rq_error`: a block request completed with an error.
 #[tracepoint]
 pub fn block_rq_error(ctx: TracePointContext) -> u32 {
-    finish_raw(&ctx, RecordKind::BlockError, emit_raw(&ctx, RecordKind::BlockError))
+    finish_raw(
+        &ctx,
+        RecordKind::BlockError,
+        emit_raw(&ctx, RecordKind::BlockError),
+    )
 }
 
 /// `block:block_rq_complete`, for kernels without `block_rq_error`: only completions with a

@@ -36,8 +36,14 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    println!("\nnpd sensor benchmark ({} samples, {} message flood)", SAMPLES, FLOOD);
-    println!("{:<8} {:>10} {:>10} {:>10} {:>14} {:>10} {:>10}", "source", "p50 us", "p99 us", "max us", "flood msg/s", "received", "dropped");
+    println!(
+        "\nnpd sensor benchmark ({} samples, {} message flood)",
+        SAMPLES, FLOOD
+    );
+    println!(
+        "{:<8} {:>10} {:>10} {:>10} {:>14} {:>10} {:>10}",
+        "source", "p50 us", "p99 us", "max us", "flood msg/s", "received", "dropped"
+    );
     for source in [SourceChoice::Ebpf, SourceChoice::Kmsg] {
         runtime.block_on(bench_source(source));
     }
@@ -55,14 +61,18 @@ async fn bench_source(source: SourceChoice) {
     let started = Instant::now();
     let mut sensor = Sensor::start(&SensorConfig::new(source)).expect("starting the sensor");
     let start_time = started.elapsed();
-    let mut kmsg = OpenOptions::new().write(true).open("/dev/kmsg").expect("opening /dev/kmsg");
+    let mut kmsg = OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .expect("opening /dev/kmsg");
 
     let marker = unique("npd-bench");
     let mut latencies = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES {
         let text = format!("{marker} {i}");
         let t0 = Instant::now();
-        kmsg.write_all(format!("{text}\n").as_bytes()).expect("writing /dev/kmsg");
+        kmsg.write_all(format!("{text}\n").as_bytes())
+            .expect("writing /dev/kmsg");
         loop {
             let event = sensor.events.recv().await.expect("sensor stopped");
             if message(&event) == Some(text.as_str()) {
@@ -72,7 +82,10 @@ async fn bench_source(source: SourceChoice) {
         }
     }
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+    let pct = |p: f64| {
+        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1e6
+    };
 
     let flood_marker = unique("npd-flood");
     let end = format!("{flood_marker} end");
@@ -81,11 +94,16 @@ async fn bench_source(source: SourceChoice) {
         let flood_marker = flood_marker.clone();
         let end = end.clone();
         std::thread::spawn(move || {
-            let mut kmsg = OpenOptions::new().write(true).open("/dev/kmsg").expect("opening /dev/kmsg");
+            let mut kmsg = OpenOptions::new()
+                .write(true)
+                .open("/dev/kmsg")
+                .expect("opening /dev/kmsg");
             for i in 0..FLOOD {
-                kmsg.write_all(format!("{flood_marker} {i}\n").as_bytes()).expect("writing /dev/kmsg");
+                kmsg.write_all(format!("{flood_marker} {i}\n").as_bytes())
+                    .expect("writing /dev/kmsg");
             }
-            kmsg.write_all(format!("{end}\n").as_bytes()).expect("writing /dev/kmsg");
+            kmsg.write_all(format!("{end}\n").as_bytes())
+                .expect("writing /dev/kmsg");
         })
     };
     let t0 = Instant::now();
@@ -115,14 +133,19 @@ async fn bench_source(source: SourceChoice) {
         dropped
     );
     if source == SourceChoice::Ebpf {
-        println!("         eBPF load + attach of the programs: {:.1} ms", start_time.as_secs_f64() * 1e3);
+        println!(
+            "         eBPF load + attach of the programs: {:.1} ms",
+            start_time.as_secs_f64() * 1e3
+        );
     }
 }
 
 /// Context switches of every thread of a process (voluntary + involuntary).
 fn context_switches(pid: u32) -> u64 {
     let mut total = 0;
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
     for task in tasks.flatten() {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
         total += status
@@ -140,14 +163,24 @@ fn cpu_ticks(pid: u32) -> u64 {
     let after_comm = stat.rsplit(')').next().unwrap_or_default();
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
     // Fields after the comm: state is [0], utime is [11], stime is [12].
-    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

@@ -15,7 +15,9 @@ use serde_json::Value;
 pub fn agent_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("NPD_AGENT_BIN") {
         // Relative to the workspace root (tests and benches run in this crate's directory).
-        return PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+        return PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(path);
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -26,7 +28,9 @@ pub fn agent_binary() -> PathBuf {
         .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok().map(|t| (t, p)))
         .max()
         .map(|(_, p)| p)
-        .unwrap_or_else(|| panic!("npd-agent not built: run `cargo xtask test` (or set NPD_AGENT_BIN)"))
+        .unwrap_or_else(|| {
+            panic!("npd-agent not built: run `cargo xtask test` (or set NPD_AGENT_BIN)")
+        })
 }
 
 /// A running agent. Dropping it kills the process.
@@ -57,14 +61,23 @@ impl Agent {
     /// command chooses them, the health and metrics servers are disabled (`--port 0
     /// --prometheus-port 0`), so that agents never fight over the default ports.
     pub fn start_with(cmd: &mut Command) -> Agent {
-        let given: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let given: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         for flag in ["--port", "--prometheus-port"] {
-            if !given.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+            if !given
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+            {
                 cmd.args([flag, "0"]);
             }
         }
         let mut child = cmd
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -100,14 +113,21 @@ impl Agent {
                 }
             }
         });
-        let mut agent = Agent { child, lines, stderr };
+        let mut agent = Agent {
+            child,
+            lines,
+            stderr,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if ready.recv_timeout(Duration::from_millis(100)).is_ok() {
                 return agent;
             }
             if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("npd-agent exited with {status} before it was ready:\n{}", agent.stderr());
+                panic!(
+                    "npd-agent exited with {status} before it was ready:\n{}",
+                    agent.stderr()
+                );
             }
             if Instant::now() > deadline {
                 panic!("npd-agent not ready after 60 s:\n{}", agent.stderr());
@@ -150,7 +170,10 @@ impl Agent {
     pub fn lines_for(&self, window: Duration) -> Vec<Value> {
         let deadline = Instant::now() + window;
         let mut out = Vec::new();
-        while let Ok(v) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        while let Ok(v) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             out.push(v);
         }
         out
@@ -167,7 +190,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("npd-agent did not exit within 30 s of SIGTERM:\n{}", self.stderr());
+                panic!(
+                    "npd-agent did not exit within 30 s of SIGTERM:\n{}",
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -176,7 +202,11 @@ impl Agent {
         while let Ok(v) = self.lines.recv_timeout(Duration::from_secs(5)) {
             lines.push(v);
         }
-        Stopped { status, lines, stderr: self.stderr() }
+        Stopped {
+            status,
+            lines,
+            stderr: self.stderr(),
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use crate::kernel::{ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file};
+use crate::kernel::{
+    ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -35,7 +37,11 @@ pub fn oom_kill(hog: &Path) -> u32 {
     let mut victim = start_hog(hog, &["oom", &cgroup.0.to_string_lossy(), "200"]);
     let pid = victim.pid();
     let status = victim.wait(WAIT);
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog was not OOM-killed: {status}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the hog was not OOM-killed: {status}"
+    );
     pid
 }
 
@@ -83,8 +89,13 @@ impl HungWriter {
 
     /// Thaws, and checks that the writer then completes.
     pub fn finish(mut self) {
-        let _ = Command::new("fsfreeze").args(["-u", &self._mount.0.to_string_lossy()]).status();
-        assert!(self.writer.wait(WAIT).success(), "the writer failed after thaw");
+        let _ = Command::new("fsfreeze")
+            .args(["-u", &self._mount.0.to_string_lossy()])
+            .status();
+        assert!(
+            self.writer.wait(WAIT).success(),
+            "the writer failed after thaw"
+        );
     }
 }
 
@@ -105,7 +116,14 @@ pub fn failed_read() -> FailedRead {
     let dev = LoopDevice::attach(&file);
     sized_file(&file, 8);
     let out = Command::new("dd")
-        .args([&format!("if={}", dev.path), "of=/dev/null", "bs=4k", "skip=3072", "count=1", "iflag=direct"])
+        .args([
+            &format!("if={}", dev.path),
+            "of=/dev/null",
+            "bs=4k",
+            "skip=3072",
+            "count=1",
+            "iflag=direct",
+        ])
         .output()
         .expect("running dd");
     assert!(!out.status.success(), "the read past the end should fail");

@@ -53,7 +53,8 @@ impl Sysctl {
             .trim()
             .to_string();
         // Some handlers (printk_devkmsg) want the newline.
-        std::fs::write(&path, format!("{value}\n")).unwrap_or_else(|e| panic!("setting {} to {value}: {e}", path.display()));
+        std::fs::write(&path, format!("{value}\n"))
+            .unwrap_or_else(|e| panic!("setting {} to {value}: {e}", path.display()));
         Sysctl { path, old }
     }
 }
@@ -61,7 +62,11 @@ impl Sysctl {
 impl Drop for Sysctl {
     fn drop(&mut self) {
         if let Err(e) = std::fs::write(&self.path, format!("{}\n", self.old)) {
-            eprintln!("WARNING: could not restore {} to {}: {e}", self.path.display(), self.old);
+            eprintln!(
+                "WARNING: could not restore {} to {}: {e}",
+                self.path.display(),
+                self.old
+            );
         }
     }
 }
@@ -91,8 +96,10 @@ impl Drop for TempDir {
 
 /// Creates a file of `mib` MiB (sparse).
 pub fn sized_file(path: &Path, mib: u64) {
-    let f = std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-    f.set_len(mib << 20).unwrap_or_else(|e| panic!("sizing {}: {e}", path.display()));
+    let f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.set_len(mib << 20)
+        .unwrap_or_else(|e| panic!("sizing {}: {e}", path.display()));
 }
 
 /// A loop device attached to a file, detached on drop.
@@ -104,7 +111,9 @@ pub struct LoopDevice {
 impl LoopDevice {
     /// Attaches `file` to a free loop device.
     pub fn attach(file: &Path) -> LoopDevice {
-        let path = run("losetup", &["--find", "--show", &file.to_string_lossy()]).trim().to_string();
+        let path = run("losetup", &["--find", "--show", &file.to_string_lossy()])
+            .trim()
+            .to_string();
         LoopDevice { path }
     }
 
@@ -177,7 +186,11 @@ impl ChildGuard {
             if let Some(status) = child.try_wait().expect("waiting for child") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "child {} still running after {timeout:?}", child.id());
+            assert!(
+                Instant::now() < deadline,
+                "child {} still running after {timeout:?}",
+                child.id()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -205,7 +218,8 @@ impl MemCgroup {
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let guard = MemCgroup(dir);
         let limit = (mib << 20).to_string();
-        std::fs::write(guard.0.join("memory.limit_in_bytes"), &limit).expect("setting memory.limit_in_bytes");
+        std::fs::write(guard.0.join("memory.limit_in_bytes"), &limit)
+            .expect("setting memory.limit_in_bytes");
         // Without swap accounting the file is absent; the limit above is enough then.
         let memsw = guard.0.join("memory.memsw.limit_in_bytes");
         if memsw.exists() {

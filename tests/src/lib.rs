@@ -19,7 +19,9 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Serialises tests that touch kernel state. A panicking test does not poison it for the rest.
 pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// True when running as root; otherwise prints why the test is skipped.
@@ -27,7 +29,9 @@ pub fn have_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("SKIPPED {test}: needs root (run `cargo xtask test`, which uses sudo when needed)");
+        eprintln!(
+            "SKIPPED {test}: needs root (run `cargo xtask test`, which uses sudo when needed)"
+        );
     }
     root
 }
@@ -40,5 +44,9 @@ pub fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{prefix}-{}-{}-{nanos:x}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}-{nanos:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }

@@ -29,7 +29,9 @@ fn kmsg_message_arrives_exactly(source: &str) {
     let marker = unique("npd-kmsg");
     let text = format!("{marker}: hello from the test, with unicode \u{2713} and a tab\there");
     write_kmsg(&text);
-    let event = agent.wait_for(WAIT, &marker, |v| is_kernel_event(v, "log") && v["message"].as_str().is_some_and(|m| m.contains(&marker)));
+    let event = agent.wait_for(WAIT, &marker, |v| {
+        is_kernel_event(v, "log") && v["message"].as_str().is_some_and(|m| m.contains(&marker))
+    });
     assert_eq!(event["message"], Value::String(text));
     let stopped = agent.stop();
     assert!(stopped.status.success(), "agent exit: {}", stopped.status);
@@ -61,7 +63,9 @@ fn oom_kill_reports_victim_pid_and_comm() {
     }
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
     let pid = oom_kill(hog());
-    let event = agent.wait_for(WAIT, "oom_kill of the hog", |v| is_kernel_event(v, "oom_kill") && v["pid"] == pid);
+    let event = agent.wait_for(WAIT, "oom_kill of the hog", |v| {
+        is_kernel_event(v, "oom_kill") && v["pid"] == pid
+    });
     assert_eq!(event["comm"], "npd-test-hog");
     // This kernel's mark_victim has the 2024 fields: the victim had ~32 MiB resident.
     let rss = event["anon_rss_kb"].as_u64().expect("anon_rss_kb");
@@ -75,7 +79,9 @@ fn hung_task_is_reported(warnings: &str) {
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
     let writer = HungWriter::start(hog(), warnings);
     let pid = writer.pid();
-    let event = agent.wait_for(WAIT, "hung_task of the writer", |v| is_kernel_event(v, "hung_task") && v["pid"] == pid);
+    let event = agent.wait_for(WAIT, "hung_task of the writer", |v| {
+        is_kernel_event(v, "hung_task") && v["pid"] == pid
+    });
     assert_eq!(event["comm"], "npd-test-hog");
     writer.finish();
     assert!(agent.stop().status.success());
@@ -108,7 +114,9 @@ fn failed_block_read_reports_device_sector_op_and_error() {
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
     let failed = failed_read();
     let name = failed.dev.name().to_string();
-    let event = agent.wait_for(WAIT, "block_error on the loop device", |v| is_kernel_event(v, "block_error") && v["device"] == name.as_str());
+    let event = agent.wait_for(WAIT, "block_error on the loop device", |v| {
+        is_kernel_event(v, "block_error") && v["device"] == name.as_str()
+    });
     assert_eq!(event["sector"], 24576);
     assert_eq!(event["op"], "READ");
     assert_eq!(event["error"], -5);
@@ -119,14 +127,20 @@ fn failed_block_read_reports_device_sector_op_and_error() {
 /// Writes `count` numbered lines through one descriptor as fast as the kernel takes them.
 fn flood(marker: &str, count: usize) {
     use std::io::Write as _;
-    let mut kmsg = std::fs::OpenOptions::new().write(true).open("/dev/kmsg").expect("opening /dev/kmsg");
+    let mut kmsg = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .expect("opening /dev/kmsg");
     for i in 0..count {
-        kmsg.write_all(format!("{marker} {i}\n").as_bytes()).expect("writing /dev/kmsg");
+        kmsg.write_all(format!("{marker} {i}\n").as_bytes())
+            .expect("writing /dev/kmsg");
     }
 }
 
 fn marker_lines<'a>(lines: &'a [Value], marker: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-    lines.iter().filter(move |v| is_kernel_event(v, "log") && v["message"].as_str().is_some_and(|m| m.starts_with(marker)))
+    lines.iter().filter(move |v| {
+        is_kernel_event(v, "log") && v["message"].as_str().is_some_and(|m| m.starts_with(marker))
+    })
 }
 
 const FLOOD: usize = 100_000;
@@ -147,20 +161,41 @@ fn flood_of_100k_messages_is_received_or_counted_ebpf() {
     let mut lines = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while !lines.iter().any(|v: &Value| v["message"] == end.as_str()) {
-        assert!(std::time::Instant::now() < deadline, "end marker not received");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "end marker not received"
+        );
         lines.extend(agent.lines_for(Duration::from_millis(200)));
     }
     let stopped = agent.stop();
     assert!(stopped.status.success());
-    let stats = stopped.lines.iter().find(|v| v["kind"] == "stats").expect("stats line at exit");
-    let received = marker_lines(&lines, &marker).filter(|v| v["message"] != end.as_str()).count() as u64;
-    let dropped = stats["ring_full"]["log"].as_u64().unwrap() + stats["read_errors"]["log"].as_u64().unwrap();
+    let stats = stopped
+        .lines
+        .iter()
+        .find(|v| v["kind"] == "stats")
+        .expect("stats line at exit");
+    let received = marker_lines(&lines, &marker)
+        .filter(|v| v["message"] != end.as_str())
+        .count() as u64;
+    let dropped =
+        stats["ring_full"]["log"].as_u64().unwrap() + stats["read_errors"]["log"].as_u64().unwrap();
     eprintln!("flood (eBPF): sent {FLOOD}, received {received}, dropped {dropped}");
-    assert_eq!(received + dropped, FLOOD as u64, "received + dropped must equal sent");
+    assert_eq!(
+        received + dropped,
+        FLOOD as u64,
+        "received + dropped must equal sent"
+    );
     // Each line arrives once and in order.
     let mut next = 0u64;
     for v in marker_lines(&lines, &marker).filter(|v| v["message"] != end.as_str()) {
-        let i: u64 = v["message"].as_str().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+        let i: u64 = v["message"]
+            .as_str()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(i >= next, "line {i} after {next}: out of order or repeated");
         next = i + 1;
     }
@@ -177,7 +212,9 @@ fn flood_of_100k_messages_is_received_or_counted_kmsg_source() {
     let marker = unique("npd-flood");
     let start = format!("{marker}-start");
     write_kmsg(&start);
-    let start_seq = agent.wait_for(WAIT, "start marker", |v| v["message"] == start.as_str())["seq"].as_u64().expect("seq");
+    let start_seq = agent.wait_for(WAIT, "start marker", |v| v["message"] == start.as_str())["seq"]
+        .as_u64()
+        .expect("seq");
     flood(&marker, FLOOD);
     let end = format!("{marker}-end");
     write_kmsg(&end);
@@ -187,23 +224,43 @@ fn flood_of_100k_messages_is_received_or_counted_kmsg_source() {
         if let Some(v) = lines.iter().find(|v: &&Value| v["message"] == end.as_str()) {
             break v["seq"].as_u64().expect("seq");
         }
-        assert!(std::time::Instant::now() < deadline, "end marker not received");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "end marker not received"
+        );
         lines.extend(agent.lines_for(Duration::from_millis(200)));
     };
     let stopped = agent.stop();
     assert!(stopped.status.success());
-    let stats = stopped.lines.iter().find(|v| v["kind"] == "stats").expect("stats line at exit");
+    let stats = stopped
+        .lines
+        .iter()
+        .find(|v| v["kind"] == "stats")
+        .expect("stats line at exit");
     let lost = stats["kmsg_lost"].as_u64().unwrap();
     // Every record the kernel logged between the markers was either read or counted as lost.
     let between = lines
         .iter()
-        .filter(|v| is_kernel_event(v, "log") && v["seq"].as_u64().is_some_and(|s| s > start_seq && s < end_seq))
+        .filter(|v| {
+            is_kernel_event(v, "log")
+                && v["seq"]
+                    .as_u64()
+                    .is_some_and(|s| s > start_seq && s < end_seq)
+        })
         .count() as u64;
     let logged = end_seq - start_seq - 1;
-    let ours = marker_lines(&lines, &marker).filter(|v| v["message"] != end.as_str()).count();
-    eprintln!("flood (/dev/kmsg): sent {FLOOD}, kernel logged {logged} between markers, received {between} (ours {ours}), counted lost {lost}");
+    let ours = marker_lines(&lines, &marker)
+        .filter(|v| v["message"] != end.as_str())
+        .count();
+    eprintln!(
+        "flood (/dev/kmsg): sent {FLOOD}, kernel logged {logged} between markers, received {between} (ours {ours}), counted lost {lost}"
+    );
     assert!(logged >= FLOOD as u64);
-    assert_eq!(between + lost, logged, "received + counted lost must equal what the kernel logged");
+    assert_eq!(
+        between + lost,
+        logged,
+        "received + counted lost must equal what the kernel logged"
+    );
 }
 
 #[test]
@@ -222,9 +279,20 @@ fn without_root_it_exits_non_zero_naming_what_is_missing() {
             .output()
             .expect("running npd-agent as nobody");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "--source {source} as nobody should fail:\n{stderr}");
-        assert_eq!(out.status.code(), Some(1), "exit code (not a panic):\n{stderr}");
+        assert!(
+            !out.status.success(),
+            "--source {source} as nobody should fail:\n{stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "exit code (not a panic):\n{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
-        assert!(stderr.contains("root") && (stderr.contains("CAP_BPF") || stderr.contains("CAP_SYS_ADMIN")), "--source {source}: {stderr}");
+        assert!(
+            stderr.contains("root")
+                && (stderr.contains("CAP_BPF") || stderr.contains("CAP_SYS_ADMIN")),
+            "--source {source}: {stderr}"
+        );
     }
 }

@@ -39,7 +39,11 @@ fn is_event(v: &Value, reason: &str) -> bool {
 /// [`SETTLE`]; returns the first and how many there were in all.
 fn first_and_count(agent: &Agent, reason: &str, pred: impl Fn(&Value) -> bool) -> (Value, usize) {
     let first = agent.wait_for(WAIT, reason, |v| is_event(v, reason) && pred(v));
-    let more = agent.lines_for(SETTLE).iter().filter(|v| is_event(v, reason) && pred(v)).count();
+    let more = agent
+        .lines_for(SETTLE)
+        .iter()
+        .filter(|v| is_event(v, reason) && pred(v))
+        .count();
     (first, 1 + more)
 }
 
@@ -55,13 +59,24 @@ fn npd_readme_examples_through_real_kmsg() {
     // TaskHung plus KernelDeadlock=True.
     write_kmsg("kernel: BUG: unable to handle kernel NULL pointer dereference at TESTING");
     let oops = agent.wait_for(WAIT, "KernelOops", |v| is_event(v, "KernelOops"));
-    assert!(oops["message"].as_str().unwrap().contains("NULL pointer dereference at TESTING"), "{oops}");
+    assert!(
+        oops["message"]
+            .as_str()
+            .unwrap()
+            .contains("NULL pointer dereference at TESTING"),
+        "{oops}"
+    );
     assert_eq!(oops["source"], "kernel-monitor");
 
     write_kmsg("INFO: task docker:20744 blocked for more than 120 seconds.");
     let hung = agent.wait_for(WAIT, "TaskHung", |v| is_event(v, "TaskHung"));
-    assert_eq!(hung["message"], "INFO: task docker:20744 blocked for more than 120 seconds.");
-    let condition = agent.wait_for(WAIT, "KernelDeadlock", |v| v["kind"] == "condition" && v["type"] == "KernelDeadlock");
+    assert_eq!(
+        hung["message"],
+        "INFO: task docker:20744 blocked for more than 120 seconds."
+    );
+    let condition = agent.wait_for(WAIT, "KernelDeadlock", |v| {
+        v["kind"] == "condition" && v["type"] == "KernelDeadlock"
+    });
     assert_eq!(condition["status"], "True");
     assert_eq!(condition["reason"], "DockerHung");
     assert!(agent.stop().status.success());
@@ -77,7 +92,13 @@ fn current_kernel_wording_is_caught() {
     // What 6.x kernels print for a NULL dereference (NPD's pattern is the pre-4.x wording).
     write_kmsg("BUG: kernel NULL pointer dereference, address: 0000000000000000");
     let oops = agent.wait_for(WAIT, "KernelOops", |v| is_event(v, "KernelOops"));
-    assert!(oops["message"].as_str().unwrap().contains("kernel NULL pointer dereference"), "{oops}");
+    assert!(
+        oops["message"]
+            .as_str()
+            .unwrap()
+            .contains("kernel NULL pointer dereference"),
+        "{oops}"
+    );
     assert!(agent.stop().status.success());
 }
 
@@ -94,7 +115,10 @@ fn real_oom_kill_is_one_problem() {
     assert_eq!(event["pid"], pid, "{event}");
     assert_eq!(event["comm"], "npd-test-hog", "{event}");
     let message = event["message"].as_str().unwrap();
-    assert!(message.contains(&pid.to_string()) && message.contains("npd-test-hog"), "{message}");
+    assert!(
+        message.contains(&pid.to_string()) && message.contains("npd-test-hog"),
+        "{message}"
+    );
     assert!(agent.stop().status.success());
 }
 
@@ -142,6 +166,9 @@ fn real_block_error_is_one_problem_naming_the_device() {
         v["device"] == name.as_str() || v["message"].as_str().is_some_and(|m| m.contains(&name))
     });
     assert_eq!(count, 1, "one failed request, one problem");
-    assert!(event["message"].as_str().unwrap().contains(&name), "{event}");
+    assert!(
+        event["message"].as_str().unwrap().contains(&name),
+        "{event}"
+    );
     assert!(agent.stop().status.success());
 }

@@ -87,7 +87,9 @@ fn real_main() -> anyhow::Result<()> {
             let mut cmd = as_root(&agent)?;
             cmd.args(args);
             // The agent's exit code is the command's.
-            let status = cmd.status().with_context(|| format!("running {}", agent.display()))?;
+            let status = cmd
+                .status()
+                .with_context(|| format!("running {}", agent.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { filter } => {
@@ -138,7 +140,9 @@ fn which(program: &str) -> Option<PathBuf> {
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: {}", describe(cmd));
-    let status = cmd.status().with_context(|| format!("starting {}", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
     if !status.success() {
         bail!("{} failed: {status}", describe(cmd));
     }
@@ -146,7 +150,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("starting {}", describe(cmd)))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
     if !out.status.success() {
         bail!(
             "{} failed: {}: {}",
@@ -174,7 +180,9 @@ fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("npd");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/npd")
 }
 
@@ -184,12 +192,30 @@ fn setup() -> anyhow::Result<OsString> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the eBPF programs")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
-            .context("the eBPF programs need a nightly toolchain")?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("the eBPF programs need a nightly toolchain")?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
@@ -233,21 +259,38 @@ fn install_bpf_linker(dir: &Path, llvm_major: &str) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", libdir.display()))?
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|name| name.starts_with("libLLVM.so.") || (name.starts_with("libLLVM-") && name.ends_with(".so")))
+        .find(|name| {
+            name.starts_with("libLLVM.so.")
+                || (name.starts_with("libLLVM-") && name.ends_with(".so"))
+        })
         .with_context(|| format!("no libLLVM in {}", libdir.display()))?;
     let prefix = dir.join("llvm");
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     for link in [llvm_lib.as_str(), "libLLVM.so"] {
         let path = prefix_lib.join(link);
         let _ = std::fs::remove_file(&path);
         std::os::unix::fs::symlink(libdir.join(&llvm_lib), &path)
             .with_context(|| format!("linking {}", path.display()))?;
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major} (a few minutes, once)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major} (a few minutes, once)"
+    );
     run(Command::new("cargo")
-        .args(["+nightly", "install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{llvm_major}")])
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
         .arg("--root")
         .arg(dir)
         .env("LLVM_PREFIX", &prefix)
@@ -257,7 +300,11 @@ fn install_bpf_linker(dir: &Path, llvm_major: &str) -> anyhow::Result<()> {
 
 /// `--locked` in CI, so the committed Cargo.lock is what gets built.
 fn locked() -> &'static [&'static str] {
-    if std::env::var_os("CI").is_some() { &["--locked"] } else { &[] }
+    if std::env::var_os("CI").is_some() {
+        &["--locked"]
+    } else {
+        &[]
+    }
 }
 
 fn cargo(path: &OsString) -> Command {
@@ -268,7 +315,8 @@ fn cargo(path: &OsString) -> Command {
 
 fn build_agent(path: &OsString, release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo(path);
-    cmd.args(["build", "--package", "npd-agent", "--bins"]).args(locked());
+    cmd.args(["build", "--package", "npd-agent", "--bins"])
+        .args(locked());
     if release {
         cmd.arg("--release");
     }
@@ -284,7 +332,9 @@ fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
     cmd.env("NPD_AGENT_BIN", &agent);
     if !is_root() {
         if which("sudo").is_none() {
-            bail!("the integration tests need root (eBPF, kernel faults) and sudo is not installed");
+            bail!(
+                "the integration tests need root (eBPF, kernel faults) and sudo is not installed"
+            );
         }
         // Test binaries run through sudo; cargo itself (and target/) stay the user's.
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
@@ -301,11 +351,18 @@ fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
 fn bench(path: &OsString) -> anyhow::Result<()> {
     build_agent(path, true)?;
     let mut criterion = cargo(path);
-    criterion.args(["bench", "--package", "npd-agent"]).args(locked());
+    criterion
+        .args(["bench", "--package", "npd-agent"])
+        .args(locked());
     run(&mut criterion)?;
     let mut kernel = cargo(path);
-    kernel.args(["bench", "--package", "npd-tests", "--bench", "sensor"]).args(locked());
-    kernel.env("NPD_AGENT_BIN", workspace_root().join("target/release/npd-agent"));
+    kernel
+        .args(["bench", "--package", "npd-tests", "--bench", "sensor"])
+        .args(locked());
+    kernel.env(
+        "NPD_AGENT_BIN",
+        workspace_root().join("target/release/npd-agent"),
+    );
     if !is_root() {
         kernel.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }

@@ -3,8 +3,8 @@
 use std::{
     io::Write as _,
     net::SocketAddr,
-    process::ExitCode,
     path::PathBuf,
+    process::ExitCode,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, SystemTime},
 };
@@ -73,7 +73,9 @@ fn engine_counters(stats: &EngineStats) -> EngineCounters {
 /// forever when there is none: no periodic tick.
 async fn sleep_until(deadline: Option<SystemTime>) {
     match deadline {
-        Some(at) => tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await,
+        Some(at) => {
+            tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await
+        }
         None => std::future::pending().await,
     }
 }
@@ -145,7 +147,10 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
     let engine_stats = Arc::new(Mutex::new(engine_counters(&engine.stats())));
     let for_metrics = Arc::clone(&engine_stats);
     metrics.watch_engine(move || {
-        for_metrics.lock().map(|c| *c).unwrap_or_else(|p| *p.into_inner())
+        for_metrics
+            .lock()
+            .map(|c| *c)
+            .unwrap_or_else(|p| *p.into_inner())
     });
     let conditions = Arc::new(ConditionBoard::new());
     for change in &initial {

@@ -22,7 +22,10 @@ impl Default for SysfsDeviceNames {
 impl SysfsDeviceNames {
     /// Resolves under `root` instead of `/sys/dev/block`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), known: HashMap::new() }
+        Self {
+            root: root.into(),
+            known: HashMap::new(),
+        }
     }
 }
 
@@ -52,7 +55,10 @@ mod tests {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink("../../devices/virtual/block/loop3", &link).unwrap();
         let mut names = SysfsDeviceNames::new(&dir);
-        assert_eq!(names.name(DevNum { major: 7, minor: 3 }).as_deref(), Some("loop3"));
+        assert_eq!(
+            names.name(DevNum { major: 7, minor: 3 }).as_deref(),
+            Some("loop3")
+        );
         assert_eq!(names.name(DevNum { major: 7, minor: 4 }), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }

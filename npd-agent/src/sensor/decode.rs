@@ -122,9 +122,13 @@ impl Layouts {
 /// Splits a record into header and payload, checking sizes.
 pub fn split_record(record: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError> {
     if record.len() < HEADER_LEN {
-        return Err(DecodeError::NotEnoughBytes { need: HEADER_LEN, have: record.len() });
+        return Err(DecodeError::NotEnoughBytes {
+            need: HEADER_LEN,
+            have: record.len(),
+        });
     }
-    let u32_at = |i: usize| u32::from_ne_bytes([record[i], record[i + 1], record[i + 2], record[i + 3]]);
+    let u32_at =
+        |i: usize| u32::from_ne_bytes([record[i], record[i + 1], record[i + 2], record[i + 3]]);
     let mut ktime = [0u8; 8];
     ktime.copy_from_slice(&record[8..16]);
     let header = RecordHeader {
@@ -137,7 +141,10 @@ pub fn split_record(record: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError>
     let payload = &record[HEADER_LEN..];
     // The ring buffer rounds allocations up to 8 bytes, so the payload may be a little longer.
     if (header.data_len as usize) > payload.len() {
-        return Err(DecodeError::SizeMismatch { said: header.data_len as usize, have: payload.len() });
+        return Err(DecodeError::SizeMismatch {
+            said: header.data_len as usize,
+            have: payload.len(),
+        });
     }
     Ok((header, &payload[..header.data_len as usize]))
 }
@@ -153,7 +160,10 @@ pub fn decode(
     match kind {
         RecordKind::Console => Ok(KernelEvent::Log(decode_console(&header, data))),
         RecordKind::HungTask => {
-            let l = layouts.hung_task.as_ref().ok_or(DecodeError::NoFormat(kind))?;
+            let l = layouts
+                .hung_task
+                .as_ref()
+                .ok_or(DecodeError::NoFormat(kind))?;
             Ok(KernelEvent::HungTask(HungTask {
                 pid: l.pid.read_i64(data)? as i32,
                 comm: l.comm.read_string(data)?,
@@ -171,7 +181,12 @@ pub fn decode(
                 file_rss_kb: u64_of(&l.file_rss)?,
                 shmem_rss_kb: u64_of(&l.shmem_rss)?,
                 pgtables_kb: u64_of(&l.pgtables)?,
-                oom_score_adj: l.oom_score_adj.as_ref().map(|f| f.read_i64(data)).transpose()?.map(|v| v as i16),
+                oom_score_adj: l
+                    .oom_score_adj
+                    .as_ref()
+                    .map(|f| f.read_i64(data))
+                    .transpose()?
+                    .map(|v| v as i16),
             }))
         }
         RecordKind::BlockError | RecordKind::BlockComplete => {
@@ -234,7 +249,12 @@ mod tests {
     /// kernel lays it out (strings either inline or after the fixed part via __data_loc).
     fn raw(format: &TracepointFormat, ints: &[(&str, i64)], strs: &[(&str, &str)]) -> Vec<u8> {
         let mut rec = vec![0u8; RAW_RECORD_MAX];
-        let mut dyn_at = format.fields.iter().map(|f| f.offset + f.size).max().unwrap();
+        let mut dyn_at = format
+            .fields
+            .iter()
+            .map(|f| f.offset + f.size)
+            .max()
+            .unwrap();
         for (name, v) in ints {
             let f = format.field(name).unwrap();
             rec[f.offset..f.offset + f.size].copy_from_slice(&v.to_ne_bytes()[..f.size]);
@@ -257,10 +277,27 @@ mod tests {
     #[test]
     fn console_text_and_truncation() {
         let layouts = Layouts::default();
-        let ev = decode(&record(RecordKind::Console, b"hello\n", 6), &layouts, &mut NoDevices).unwrap();
+        let ev = decode(
+            &record(RecordKind::Console, b"hello\n", 6),
+            &layouts,
+            &mut NoDevices,
+        )
+        .unwrap();
         assert_eq!(ev, KernelEvent::Log(LogMessage::new("hello")));
-        let ev = decode(&record(RecordKind::Console, b"abc", 5000), &layouts, &mut NoDevices).unwrap();
-        assert_eq!(ev, KernelEvent::Log(LogMessage { message: "abc".into(), truncated_from: Some(5000), seq: None }));
+        let ev = decode(
+            &record(RecordKind::Console, b"abc", 5000),
+            &layouts,
+            &mut NoDevices,
+        )
+        .unwrap();
+        assert_eq!(
+            ev,
+            KernelEvent::Log(LogMessage {
+                message: "abc".into(),
+                truncated_from: Some(5000),
+                seq: None
+            })
+        );
     }
 
     #[test]
@@ -270,8 +307,20 @@ mod tests {
             let mut layouts = Layouts::default();
             layouts.set_hung_task(&f).unwrap();
             let data = raw(&f, &[("pid", 4242)], &[("comm", "writer")]);
-            let ev = decode(&record(RecordKind::HungTask, &data, 0), &layouts, &mut NoDevices).unwrap();
-            assert_eq!(ev, KernelEvent::HungTask(HungTask { pid: 4242, comm: "writer".into() }), "{kernel}");
+            let ev = decode(
+                &record(RecordKind::HungTask, &data, 0),
+                &layouts,
+                &mut NoDevices,
+            )
+            .unwrap();
+            assert_eq!(
+                ev,
+                KernelEvent::HungTask(HungTask {
+                    pid: 4242,
+                    comm: "writer".into()
+                }),
+                "{kernel}"
+            );
         }
     }
 
@@ -280,18 +329,42 @@ mod tests {
         let old = kernel_format("5.10.0-32-cloud-amd64", "oom_mark_victim.format");
         let mut layouts = Layouts::default();
         layouts.set_oom(&old).unwrap();
-        let ev = decode(&record(RecordKind::OomVictim, &raw(&old, &[("pid", 7)], &[]), 0), &layouts, &mut NoDevices).unwrap();
-        assert_eq!(ev, KernelEvent::OomKill(OomKill { pid: 7, ..Default::default() }));
+        let ev = decode(
+            &record(RecordKind::OomVictim, &raw(&old, &[("pid", 7)], &[]), 0),
+            &layouts,
+            &mut NoDevices,
+        )
+        .unwrap();
+        assert_eq!(
+            ev,
+            KernelEvent::OomKill(OomKill {
+                pid: 7,
+                ..Default::default()
+            })
+        );
 
         let new = kernel_format("6.18.44", "oom_mark_victim.format");
         layouts.set_oom(&new).unwrap();
         let data = raw(
             &new,
-            &[("pid", 99), ("uid", 1000), ("total_vm", 300), ("anon_rss", 200), ("file_rss", 10),
-              ("shmem_rss", 1), ("pgtables", 4), ("oom_score_adj", -17)],
+            &[
+                ("pid", 99),
+                ("uid", 1000),
+                ("total_vm", 300),
+                ("anon_rss", 200),
+                ("file_rss", 10),
+                ("shmem_rss", 1),
+                ("pgtables", 4),
+                ("oom_score_adj", -17),
+            ],
             &[("comm", "stress")],
         );
-        let ev = decode(&record(RecordKind::OomVictim, &data, 0), &layouts, &mut NoDevices).unwrap();
+        let ev = decode(
+            &record(RecordKind::OomVictim, &data, 0),
+            &layouts,
+            &mut NoDevices,
+        )
+        .unwrap();
         assert_eq!(
             ev,
             KernelEvent::OomKill(OomKill {
@@ -316,10 +389,20 @@ mod tests {
             layouts.set_block(&f).unwrap();
             let data = raw(
                 &f,
-                &[("dev", 7 << 20), ("sector", 24576), ("nr_sector", 8), ("error", -5)],
+                &[
+                    ("dev", 7 << 20),
+                    ("sector", 24576),
+                    ("nr_sector", 8),
+                    ("error", -5),
+                ],
                 &[("rwbs", "R")],
             );
-            let ev = decode(&record(RecordKind::BlockComplete, &data, 0), &layouts, &mut NoDevices).unwrap();
+            let ev = decode(
+                &record(RecordKind::BlockComplete, &data, 0),
+                &layouts,
+                &mut NoDevices,
+            )
+            .unwrap();
             assert_eq!(
                 ev,
                 KernelEvent::BlockError(BlockError {
@@ -339,15 +422,28 @@ mod tests {
     #[test]
     fn malformed_records_are_typed_errors() {
         let layouts = Layouts::default();
-        assert!(matches!(decode(&[0; 3], &layouts, &mut NoDevices), Err(DecodeError::NotEnoughBytes { .. })));
+        assert!(matches!(
+            decode(&[0; 3], &layouts, &mut NoDevices),
+            Err(DecodeError::NotEnoughBytes { .. })
+        ));
         let mut bad = record(RecordKind::Console, b"hi", 2);
         bad[16] = 200;
-        assert!(matches!(decode(&bad, &layouts, &mut NoDevices), Err(DecodeError::SizeMismatch { .. })));
+        assert!(matches!(
+            decode(&bad, &layouts, &mut NoDevices),
+            Err(DecodeError::SizeMismatch { .. })
+        ));
         let mut unknown = record(RecordKind::Console, b"", 0);
         unknown[0] = 77;
-        assert_eq!(decode(&unknown, &layouts, &mut NoDevices), Err(DecodeError::UnknownKind(77)));
         assert_eq!(
-            decode(&record(RecordKind::HungTask, &[0; 64], 0), &layouts, &mut NoDevices),
+            decode(&unknown, &layouts, &mut NoDevices),
+            Err(DecodeError::UnknownKind(77))
+        );
+        assert_eq!(
+            decode(
+                &record(RecordKind::HungTask, &[0; 64], 0),
+                &layouts,
+                &mut NoDevices
+            ),
             Err(DecodeError::NoFormat(RecordKind::HungTask))
         );
     }

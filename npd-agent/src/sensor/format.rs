@@ -187,7 +187,12 @@ fn parse_field(line: &str) -> Option<Field> {
     })
 }
 
-fn slice<'a>(record: &'a [u8], field: &str, offset: usize, size: usize) -> Result<&'a [u8], FieldError> {
+fn slice<'a>(
+    record: &'a [u8],
+    field: &str,
+    offset: usize,
+    size: usize,
+) -> Result<&'a [u8], FieldError> {
     offset
         .checked_add(size)
         .and_then(|end| record.get(offset..end))
@@ -226,7 +231,11 @@ impl Field {
     pub fn read_u64(&self, record: &[u8]) -> Result<u64, FieldError> {
         let v = self.read_i64(record)?;
         let bits = self.size as u32 * 8;
-        Ok(if bits < 64 { (v as u64) & ((1u64 << bits) - 1) } else { v as u64 })
+        Ok(if bits < 64 {
+            (v as u64) & ((1u64 << bits) - 1)
+        } else {
+            v as u64
+        })
     }
 
     /// Reads a string field (`char name[N]` or `__data_loc char[] name`) up to its first NUL.
@@ -236,7 +245,12 @@ impl Field {
             FieldKind::DataLoc => {
                 let loc = slice(record, &self.name, self.offset, 4)?;
                 let loc = u32::from_ne_bytes([loc[0], loc[1], loc[2], loc[3]]);
-                slice(record, &self.name, (loc & 0xffff) as usize, (loc >> 16) as usize)?
+                slice(
+                    record,
+                    &self.name,
+                    (loc & 0xffff) as usize,
+                    (loc >> 16) as usize,
+                )?
             }
             FieldKind::Integer => {
                 return Err(FieldError::WrongKind {
@@ -257,7 +271,12 @@ impl Field {
 impl fmt::Display for TracepointFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}(", self.name)?;
-        for (i, field) in self.fields.iter().filter(|f| !f.name.starts_with("common_")).enumerate() {
+        for (i, field) in self
+            .fields
+            .iter()
+            .filter(|f| !f.name.starts_with("common_"))
+            .enumerate()
+        {
             if i > 0 {
                 write!(f, ", ")?;
             }
@@ -311,34 +330,61 @@ pub(crate) mod tests {
         assert_eq!(old.field("comm").unwrap().kind, FieldKind::CharArray);
         assert_eq!(old.field("comm").unwrap().size, 16);
         assert_eq!(new.field("comm").unwrap().kind, FieldKind::DataLoc);
-        assert!(kernel_format("5.10.0-32-cloud-amd64", "oom_mark_victim.format").field("comm").is_none());
+        assert!(
+            kernel_format("5.10.0-32-cloud-amd64", "oom_mark_victim.format")
+                .field("comm")
+                .is_none()
+        );
         let rwbs = kernel_format("6.18.44", "block_block_rq_error.format");
         assert_eq!(rwbs.field("rwbs").unwrap().size, 10);
     }
 
     #[test]
     fn integers_sign_extend_per_format() {
-        let f = Field { name: "x".into(), offset: 1, size: 2, signed: true, kind: FieldKind::Integer };
+        let f = Field {
+            name: "x".into(),
+            offset: 1,
+            size: 2,
+            signed: true,
+            kind: FieldKind::Integer,
+        };
         let rec = [0u8, 0xfe, 0xff, 0];
         assert_eq!(f.read_i64(&rec).unwrap(), -2);
         assert_eq!(f.read_u64(&rec).unwrap(), 0xfffe);
-        let u = Field { signed: false, ..f.clone() };
+        let u = Field {
+            signed: false,
+            ..f.clone()
+        };
         assert_eq!(u.read_i64(&rec).unwrap(), 0xfffe);
-        assert!(matches!(f.read_i64(&rec[..2]), Err(FieldError::OutOfRange { .. })));
+        assert!(matches!(
+            f.read_i64(&rec[..2]),
+            Err(FieldError::OutOfRange { .. })
+        ));
     }
 
     #[test]
     fn data_loc_out_of_range_is_an_error_not_a_panic() {
-        let f = Field { name: "comm".into(), offset: 0, size: 4, signed: false, kind: FieldKind::DataLoc };
+        let f = Field {
+            name: "comm".into(),
+            offset: 0,
+            size: 4,
+            signed: false,
+            kind: FieldKind::DataLoc,
+        };
         let loc: u32 = (16 << 16) | 200;
         let mut rec = loc.to_ne_bytes().to_vec();
         rec.resize(64, b'a');
-        assert!(matches!(f.read_bytes(&rec), Err(FieldError::OutOfRange { .. })));
+        assert!(matches!(
+            f.read_bytes(&rec),
+            Err(FieldError::OutOfRange { .. })
+        ));
     }
 
     #[test]
     fn bad_field_line_names_file_and_line() {
-        let err = TracepointFormat::parse("name: x\nformat:\n\tfield:int;\toffset:x;", "some/format").unwrap_err();
+        let err =
+            TracepointFormat::parse("name: x\nformat:\n\tfield:int;\toffset:x;", "some/format")
+                .unwrap_err();
         assert!(err.to_string().contains("some/format: line 3"), "{err}");
     }
 }

@@ -15,7 +15,9 @@ fn main() {
             let procs = std::path::Path::new(&args[2]).join("cgroup.procs");
             std::fs::write(&procs, std::process::id().to_string())
                 .unwrap_or_else(|e| fail(&format!("joining {}: {e}", procs.display())));
-            let mib: usize = args[3].parse().unwrap_or_else(|_| fail("MIB is not a number"));
+            let mib: usize = args[3]
+                .parse()
+                .unwrap_or_else(|_| fail("MIB is not a number"));
             println!("ready");
             let _ = std::io::stdout().flush();
             let mut chunks = Vec::new();
@@ -29,7 +31,8 @@ fn main() {
         Some("write") if args.len() == 3 => {
             println!("ready");
             let _ = std::io::stdout().flush();
-            std::fs::write(&args[2], b"npd hung task test\n").unwrap_or_else(|e| fail(&format!("write: {e}")));
+            std::fs::write(&args[2], b"npd hung task test\n")
+                .unwrap_or_else(|e| fail(&format!("write: {e}")));
         }
         _ => fail("usage: npd-test-hog oom CGROUP_DIR MIB | write FILE"),
     }
