@@ -305,15 +305,12 @@ impl Sensor {
 
     /// What the eBPF programs could not deliver so far (zero for `/dev/kmsg`).
     pub fn losses(&self) -> Losses {
-        self.loss_counters
-            .as_ref()
-            .map(|l| l.read())
-            .unwrap_or_default()
+        read_losses(self.loss_counters.as_deref())
     }
 
     /// Everything lost so far, from any source.
     pub fn lost_total(&self) -> u64 {
-        self.losses().total() + self.stats.kmsg_lost.load(Ordering::Relaxed)
+        lost_total(self.loss_counters.as_deref(), &self.stats)
     }
 
     /// A cheap, clonable view of the sensor's state and counters for metrics and health, valid
@@ -329,6 +326,14 @@ impl Sensor {
             loss_counters: self.loss_counters.clone(),
         }
     }
+}
+
+fn read_losses(counters: Option<&ebpf::LossCounters>) -> Losses {
+    counters.map(ebpf::LossCounters::read).unwrap_or_default()
+}
+
+fn lost_total(counters: Option<&ebpf::LossCounters>, stats: &SensorStats) -> u64 {
+    read_losses(counters).total() + stats.kmsg_lost.load(Ordering::Relaxed)
 }
 
 /// What metrics and health read from a running sensor, at the moment they are asked (nothing
@@ -375,15 +380,12 @@ impl SensorProbe {
 
     /// What the eBPF programs could not deliver so far (zero for `/dev/kmsg`); one map read.
     pub fn losses(&self) -> Losses {
-        self.loss_counters
-            .as_ref()
-            .map(|l| l.read())
-            .unwrap_or_default()
+        read_losses(self.loss_counters.as_deref())
     }
 
     /// Everything lost so far, from any source.
     pub fn lost_total(&self) -> u64 {
-        self.losses().total() + self.stats.kmsg_lost.load(Ordering::Relaxed)
+        lost_total(self.loss_counters.as_deref(), &self.stats)
     }
 
     /// Whether a reader task is running now.
