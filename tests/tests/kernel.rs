@@ -3,7 +3,6 @@
 //! every piece of kernel state back, also when they fail.
 
 use std::{
-    io::{BufRead as _, BufReader},
     os::unix::process::CommandExt as _,
     process::{Command, Stdio},
     time::Duration,
@@ -12,7 +11,7 @@ use std::{
 use npd_tests::{
     agent::{Agent, agent_binary, is_kernel_event},
     have_root,
-    kernel::{ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file, write_kmsg},
+    kernel::{ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file, start_hog, write_kmsg},
     serial, unique,
 };
 use serde_json::Value;
@@ -21,16 +20,6 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn hog() -> Command {
     Command::new(env!("CARGO_BIN_EXE_npd-test-hog"))
-}
-
-/// Starts a hog and waits until it says it is about to misbehave.
-fn start_hog(cmd: &mut Command) -> ChildGuard {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("starting npd-test-hog");
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("reading npd-test-hog");
-    assert_eq!(line.trim(), "ready", "npd-test-hog did not start");
-    ChildGuard(Some(child))
 }
 
 fn kmsg_message_arrives_exactly(source: &str) {
