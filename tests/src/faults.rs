@@ -1,40 +1,25 @@
 //! The real kernel faults the tests make happen, each leaving the kernel as it found it (the
 //! guards in [`crate::kernel`] undo every step, also when a test panics).
 
-use std::{
-    io::{BufRead as _, BufReader},
-    os::unix::process::ExitStatusExt as _,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{os::unix::process::ExitStatusExt as _, path::Path, process::Command, time::Duration};
 
 use crate::kernel::{
-    ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file,
+    ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file, start_hog,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Starts `npd-test-hog` (path given by the test: `env!("CARGO_BIN_EXE_npd-test-hog")`) and
-/// waits until it says it is about to misbehave.
-pub fn start_hog(hog: &Path, args: &[&str]) -> ChildGuard {
-    let mut child = Command::new(hog)
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", hog.display()));
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("reading npd-test-hog");
-    assert_eq!(line.trim(), "ready", "npd-test-hog did not start");
-    ChildGuard(Some(child))
+/// Starts `npd-test-hog` (path given by the test: `env!("CARGO_BIN_EXE_npd-test-hog")`) with
+/// `args`, once it says it is about to misbehave.
+fn hog(hog: &Path, args: &[&str]) -> ChildGuard {
+    start_hog(Command::new(hog).args(args))
 }
 
 /// Makes the OOM killer of a fresh 32 MiB memory cgroup kill a hog that allocates 200 MiB.
 /// Returns the victim's pid once it is dead.
-pub fn oom_kill(hog: &Path) -> u32 {
+pub fn oom_kill(hog_path: &Path) -> u32 {
     let cgroup = MemCgroup::new(32);
-    let mut victim = start_hog(hog, &["oom", &cgroup.0.to_string_lossy(), "200"]);
+    let mut victim = hog(hog_path, &["oom", &cgroup.0.to_string_lossy(), "200"]);
     let pid = victim.pid();
     let status = victim.wait(WAIT);
     assert_eq!(
@@ -60,7 +45,7 @@ pub struct HungWriter {
 
 impl HungWriter {
     /// Starts it; `warnings` is `kernel.hung_task_warnings` (0: the kernel prints nothing).
-    pub fn start(hog: &Path, warnings: &str) -> HungWriter {
+    pub fn start(hog_path: &Path, warnings: &str) -> HungWriter {
         let dir = TempDir::new("npd-hung");
         let image = dir.join("fs.img");
         sized_file(&image, 32);
@@ -68,7 +53,10 @@ impl HungWriter {
         let dev = LoopDevice::attach(&image);
         let mount = Mount::new(&dev.path, &dir.join("mnt"));
         let frozen = Frozen::new(&mount.0);
-        let writer = start_hog(hog, &["write", &mount.0.join("file").to_string_lossy()]);
+        let writer = hog(
+            hog_path,
+            &["write", &mount.0.join("file").to_string_lossy()],
+        );
         let warnings = Sysctl::set("kernel/hung_task_warnings", warnings);
         let timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
         HungWriter {

@@ -3,9 +3,9 @@
 
 use std::{
     fs::OpenOptions,
-    io::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -203,6 +203,24 @@ impl Drop for ChildGuard {
             let _ = child.wait();
         }
     }
+}
+
+/// Starts `npd-test-hog` (prepared in `cmd`: its path is `env!("CARGO_BIN_EXE_npd-test-hog")`
+/// in this crate's integration tests) and waits until it says it is about to misbehave.
+pub fn start_hog(cmd: &mut Command) -> ChildGuard {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting npd-test-hog");
+    let stdout = child.stdout.take().expect("piped");
+    // Guarded before reading, so a hog that never says `ready` is still killed.
+    let guard = ChildGuard(Some(child));
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading npd-test-hog");
+    assert_eq!(line.trim(), "ready", "npd-test-hog did not start");
+    guard
 }
 
 /// A cgroup v1 memory cgroup with a limit, removed on drop.

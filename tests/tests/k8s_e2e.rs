@@ -1,0 +1,608 @@
+//! End to end on the real kernel and a real kube-apiserver: the real `npd-agent` binary runs
+//! as npd's service account (bound to the shipped ClusterRole in `deploy/kubernetes/rbac.yaml`,
+//! not admin), real kernel faults happen, and the test reads the Node and its Events back with
+//! an admin client.
+//!
+//! Needs root (eBPF, /dev/kmsg, cgroups, loop devices). Tests run one at a time (`serial`), each
+//! with its own Node and agent; every fault is behind a guard that puts the kernel back, also
+//! when the test fails. All but the outage test share one API server; the outage test stops
+//! its own.
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt as _, TryStreamExt as _, stream::BoxStream};
+use k8s_openapi::api::core::v1::{Event, Node, NodeCondition};
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams},
+};
+use npd_tests::{
+    agent::Agent,
+    apiserver::ApiServer,
+    have_root,
+    kernel::{LoopDevice, MemCgroup, TempDir, sized_file, start_hog, write_kmsg},
+    serial, unique,
+};
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+/// NPD's own test line for its DockerHung rule (KernelDeadlock=True).
+const DOCKER_HUNG: &str = "INFO: task docker:20744 blocked for more than 120 seconds.";
+/// NPD's own test line for a KernelOops Event.
+const KERNEL_OOPS: &str =
+    "BUG: unable to handle kernel NULL pointer dereference at 0000000000000000";
+/// The source of every rule in the embedded defaults (NPD's kernel monitor).
+const SOURCE: &str = "kernel-monitor";
+
+/// Runs `test` on a fresh two-thread runtime (the tests hold the `serial` lock, a std mutex,
+/// outside of it).
+fn block_on<F: Future>(test: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(test)
+}
+
+/// Polls `check` every 100 ms until it gives a value; panics after `timeout`.
+async fn wait_for<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out ({timeout:?}) waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn condition<'a>(node: &'a Node, type_: &str) -> Option<&'a NodeCondition> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// A Node registered for one test, with npd's service account kubeconfig and admin access.
+struct TestNode {
+    name: String,
+    kubeconfig: PathBuf,
+    admin: Client,
+    nodes: Api<Node>,
+    uid: String,
+    /// kubelet's `Ready` condition as the API server returned it right after creation.
+    ready: Value,
+    server_kubeconfig: PathBuf,
+}
+
+impl TestNode {
+    async fn new(server: &ApiServer, name: &str) -> TestNode {
+        let node = server.create_node(name).await;
+        let kubeconfig = server.service_account_kubeconfig().await;
+        let admin = server.admin_client().await;
+        let mut test = TestNode {
+            name: name.to_owned(),
+            kubeconfig,
+            nodes: Api::all(admin.clone()),
+            admin,
+            uid: node.metadata.uid.expect("a Node uid"),
+            ready: Value::Null,
+            server_kubeconfig: server.kubeconfig.clone(),
+        };
+        test.ready = test.ready_json();
+        test
+    }
+
+    /// The admin client again (after an API server restart).
+    async fn reconnect(&mut self, server: &ApiServer) {
+        self.admin = server.admin_client().await;
+        self.nodes = Api::all(self.admin.clone());
+    }
+
+    /// Starts the real agent (eBPF source, default rules) exporting to this Node as npd's
+    /// service account, and waits for its first write (npd's conditions in their default
+    /// state) unless `wait_first_write` is false.
+    async fn start_agent(&self, wait_first_write: bool) -> Agent {
+        let agent = Agent::start(&[
+            "run",
+            "--source",
+            "ebpf",
+            "--kubeconfig",
+            self.kubeconfig.to_str().expect("UTF-8 path"),
+            "--hostname-override",
+            &self.name,
+        ]);
+        if wait_first_write {
+            self.wait_condition("KernelDeadlock", "False", "KernelHasNoDeadlock")
+                .await;
+        }
+        agent
+    }
+
+    async fn get(&self) -> Option<Node> {
+        self.nodes.get(&self.name).await.ok()
+    }
+
+    /// Waits until the Node has condition `type_` with `status` and `reason`.
+    async fn wait_condition(&self, type_: &str, status: &str, reason: &str) -> NodeCondition {
+        let what = format!("{type_}={status} ({reason}) on {}", self.name);
+        wait_for(&what, DEADLINE, || async {
+            let node = self.get().await?;
+            condition(&node, type_)
+                .filter(|c| c.status == status && c.reason.as_deref() == Some(reason))
+                .cloned()
+        })
+        .await
+    }
+
+    /// The Events about this Node with `reason`, in namespace `default` (where NPD posts).
+    async fn events(&self, reason: &str) -> Vec<Event> {
+        let api: Api<Event> = Api::namespaced(self.admin.clone(), "default");
+        let lp = ListParams::default().fields(&format!(
+            "involvedObject.name={},reason={reason}",
+            self.name
+        ));
+        api.list(&lp).await.map(|l| l.items).unwrap_or_default()
+    }
+
+    /// Waits for an Event with `reason` whose message satisfies `pred`, and checks that it is
+    /// about this Node, from the kernel monitor.
+    async fn wait_event(&self, reason: &str, what: &str, pred: impl Fn(&str) -> bool) -> Event {
+        let event = wait_for(
+            &format!("a {reason} Event ({what}) on {}", self.name),
+            DEADLINE,
+            || async {
+                self.events(reason)
+                    .await
+                    .into_iter()
+                    .find(|e| e.message.as_deref().is_some_and(&pred))
+            },
+        )
+        .await;
+        let about = &event.involved_object;
+        assert_eq!(about.kind.as_deref(), Some("Node"), "{event:?}");
+        assert_eq!(about.name.as_deref(), Some(self.name.as_str()), "{event:?}");
+        assert_eq!(about.uid.as_deref(), Some(self.uid.as_str()), "{event:?}");
+        let source = event.source.as_ref().expect("an Event source");
+        assert_eq!(source.component.as_deref(), Some(SOURCE), "{event:?}");
+        assert_eq!(
+            source.host.as_deref(),
+            Some(self.name.as_str()),
+            "{event:?}"
+        );
+        event
+    }
+
+    /// Makes sure everything the agent reported before now has been posted: writes a unique
+    /// KernelOops line and waits for its Event (the agent handles kernel messages in order and
+    /// posts Events in order).
+    async fn barrier(&self) {
+        let marker = unique("npd-barrier");
+        write_kmsg(&format!(
+            "BUG: unable to handle kernel NULL pointer dereference at {marker}"
+        ));
+        self.wait_event("KernelOops", "the barrier", |m| m.contains(&marker))
+            .await;
+    }
+
+    /// kubelet's `Ready` condition exactly as the API server serves it (all fields, as JSON).
+    fn ready_json(&self) -> Value {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.server_kubeconfig)
+            .args(["get", "node", &self.name, "-o", "json"])
+            .output()
+            .expect("running kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl get node {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let node: Value = serde_json::from_slice(&out.stdout).expect("a Node as JSON");
+        node["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no Ready condition on {}: {node}", self.name))
+    }
+
+    /// kubelet's condition is what it was when the Node was created, to the byte.
+    fn assert_ready_unchanged(&self) {
+        let now = self.ready_json();
+        assert_eq!(
+            now.to_string(),
+            self.ready.to_string(),
+            "kubelet's Ready condition on {} changed",
+            self.name
+        );
+    }
+}
+
+fn stop(agent: Agent) {
+    let stopped = agent.stop();
+    assert!(
+        stopped.status.success(),
+        "agent exit: {}\n{}",
+        stopped.status,
+        stopped.stderr
+    );
+}
+
+/// The DockerHung line sets KernelDeadlock=True with the NPD condition-change Event; the
+/// KernelOops line posts a Warning Event.
+async fn docker_hung_and_kernel_oops(node: &TestNode) {
+    write_kmsg(DOCKER_HUNG);
+    let c = node
+        .wait_condition("KernelDeadlock", "True", "DockerHung")
+        .await;
+    let message = c.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("task docker:20744 blocked for more than 120 seconds."),
+        "{c:?}"
+    );
+    let expected = format!(
+        "Node condition KernelDeadlock is now: True, reason: DockerHung, message: \"{message}\""
+    );
+    let event = node
+        .wait_event("DockerHung", "the condition change", |m| m == expected)
+        .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"), "{event:?}");
+    assert_eq!(event.count, Some(1), "{event:?}");
+
+    write_kmsg(KERNEL_OOPS);
+    let event = node
+        .wait_event("KernelOops", "NPD's oops line", |m| m.contains(KERNEL_OOPS))
+        .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"), "{event:?}");
+}
+
+/// A real OOM kill in a memory cgroup: exactly one OOMKilling Event (count 1) naming the
+/// victim's pid and comm, although the kernel also prints text the log rules match.
+async fn oom_kill(node: &TestNode) {
+    let cgroup = MemCgroup::new(32);
+    let mut victim = start_hog(Command::new(env!("CARGO_BIN_EXE_npd-test-hog")).args([
+        "oom",
+        &cgroup.0.to_string_lossy(),
+        "200",
+    ]));
+    let pid = victim.pid();
+    let status = victim.wait(DEADLINE);
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the hog was not OOM-killed: {status}"
+    );
+    let victim_text = format!("Killed process {pid} (npd-test-hog)");
+    node.wait_event("OOMKilling", &victim_text, |m| m.contains(&victim_text))
+        .await;
+    // The kernel printed its OOM report before the victim died; once an Event for a later
+    // line is posted, a duplicate would have been posted too.
+    node.barrier().await;
+    let about_victim: Vec<Event> = node
+        .events("OOMKilling")
+        .await
+        .into_iter()
+        .filter(|e| {
+            e.message
+                .as_deref()
+                .is_some_and(|m| m.contains(&format!("process {pid} ")))
+        })
+        .collect();
+    assert_eq!(
+        about_victim.len(),
+        1,
+        "one OOM kill, one Event: {about_victim:#?}"
+    );
+    let event = &about_victim[0];
+    assert_eq!(event.count, Some(1), "{event:#?}");
+    assert_eq!(event.type_.as_deref(), Some("Warning"), "{event:?}");
+    let message = event.message.as_deref().unwrap_or_default();
+    assert!(
+        message.contains(&pid.to_string()) && message.contains("npd-test-hog"),
+        "{message}"
+    );
+}
+
+/// A real failed block read (direct read past the end of a shrunk loop device): an IOError
+/// Event naming the device, once.
+async fn block_error(node: &TestNode) {
+    let dir = TempDir::new("npd-e2e-blk");
+    let file = dir.join("disk.img");
+    sized_file(&file, 16);
+    let dev = LoopDevice::attach(&file);
+    sized_file(&file, 8);
+    let out = Command::new("dd")
+        .args([
+            &format!("if={}", dev.path),
+            "of=/dev/null",
+            "bs=4k",
+            "skip=3072",
+            "count=1",
+            "iflag=direct",
+        ])
+        .output()
+        .expect("running dd");
+    assert!(!out.status.success(), "the read past the end should fail");
+    let name = dev.name().to_owned();
+    // `dev loop1 ` or `dev loop1,`, never `dev loop10`.
+    let names_device =
+        |m: &str| m.contains(&format!("dev {name} ")) || m.contains(&format!("dev {name},"));
+    let event = node
+        .wait_event("IOError", &format!("naming {name}"), names_device)
+        .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"), "{event:?}");
+    node.barrier().await;
+    let about_device: Vec<Event> = node
+        .events("IOError")
+        .await
+        .into_iter()
+        .filter(|e| e.message.as_deref().is_some_and(names_device))
+        .collect();
+    assert_eq!(
+        about_device.len(),
+        1,
+        "one failed request, one Event: {about_device:#?}"
+    );
+    assert_eq!(about_device[0].count, Some(1), "{about_device:#?}");
+}
+
+#[test]
+fn docker_hung_and_kernel_oops_lines_reach_the_node() {
+    const TEST: &str = "docker_hung_and_kernel_oops_lines_reach_the_node";
+    let _serial = serial();
+    if !have_root(TEST) {
+        return;
+    }
+    let Some(server) = ApiServer::shared(TEST) else {
+        return;
+    };
+    block_on(async {
+        let node = TestNode::new(server, "npd-e2e-lines").await;
+        let agent = node.start_agent(true).await;
+        docker_hung_and_kernel_oops(&node).await;
+        node.assert_ready_unchanged();
+        stop(agent);
+    });
+}
+
+#[test]
+fn a_real_oom_kill_posts_one_oomkilling_event() {
+    const TEST: &str = "a_real_oom_kill_posts_one_oomkilling_event";
+    let _serial = serial();
+    if !have_root(TEST) {
+        return;
+    }
+    let Some(server) = ApiServer::shared(TEST) else {
+        return;
+    };
+    block_on(async {
+        let node = TestNode::new(server, "npd-e2e-oom").await;
+        let agent = node.start_agent(true).await;
+        oom_kill(&node).await;
+        node.assert_ready_unchanged();
+        stop(agent);
+    });
+}
+
+#[test]
+fn a_real_block_error_posts_an_ioerror_event_naming_the_device() {
+    const TEST: &str = "a_real_block_error_posts_an_ioerror_event_naming_the_device";
+    let _serial = serial();
+    if !have_root(TEST) {
+        return;
+    }
+    let Some(server) = ApiServer::shared(TEST) else {
+        return;
+    };
+    block_on(async {
+        let node = TestNode::new(server, "npd-e2e-blk").await;
+        let agent = node.start_agent(true).await;
+        block_error(&node).await;
+        node.assert_ready_unchanged();
+        stop(agent);
+    });
+}
+
+#[test]
+fn kubelets_ready_condition_is_byte_for_byte_unchanged_after_every_fault() {
+    const TEST: &str = "kubelets_ready_condition_is_byte_for_byte_unchanged_after_every_fault";
+    let _serial = serial();
+    if !have_root(TEST) {
+        return;
+    }
+    let Some(server) = ApiServer::shared(TEST) else {
+        return;
+    };
+    block_on(async {
+        // Every fault against one Node and one agent.
+        let node = TestNode::new(server, "npd-e2e-all").await;
+        let agent = node.start_agent(true).await;
+        docker_hung_and_kernel_oops(&node).await;
+        oom_kill(&node).await;
+        block_error(&node).await;
+        node.assert_ready_unchanged();
+        stop(agent);
+        node.assert_ready_unchanged();
+        // npd's conditions sit beside kubelet's; kubelet still owns its condition.
+        let stored = node.get().await.expect("the Node");
+        let types: Vec<&str> = stored
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|c| c.type_.as_str())
+            .collect();
+        assert!(
+            types.contains(&"Ready") && types.contains(&"KernelDeadlock"),
+            "{types:?}"
+        );
+    });
+}
+
+/// The Node's versions from a watch, in order.
+async fn next_version(watch: &mut BoxStream<'_, kube::Result<WatchEvent<Node>>>) -> Node {
+    let next = tokio::time::timeout(DEADLINE, watch.try_next()).await;
+    match next
+        .expect("a watch event in time")
+        .expect("watch error")
+        .expect("watch ended")
+    {
+        WatchEvent::Added(n) | WatchEvent::Modified(n) => n,
+        other => panic!("unexpected watch event {other:?}"),
+    }
+}
+
+#[test]
+fn an_agent_restart_keeps_a_true_condition_true() {
+    const TEST: &str = "an_agent_restart_keeps_a_true_condition_true";
+    let _serial = serial();
+    if !have_root(TEST) {
+        return;
+    }
+    let Some(server) = ApiServer::shared(TEST) else {
+        return;
+    };
+    block_on(async {
+        let node = TestNode::new(server, "npd-e2e-restart").await;
+        let first = node.start_agent(true).await;
+        write_kmsg(DOCKER_HUNG);
+        let before = node
+            .wait_condition("KernelDeadlock", "True", "DockerHung")
+            .await;
+        let heartbeat_before = before.last_heartbeat_time.clone().expect("a heartbeat");
+
+        // Every version of the Node from here on must have KernelDeadlock=True.
+        let rv = node
+            .get()
+            .await
+            .and_then(|n| n.metadata.resource_version)
+            .expect("a resourceVersion");
+        let wp = WatchParams::default().fields(&format!("metadata.name={}", node.name));
+        let mut watch = node
+            .nodes
+            .watch(&wp, &rv)
+            .await
+            .expect("watching the Node")
+            .boxed();
+        let mut versions = 0;
+        let mut check = |n: &Node| {
+            versions += 1;
+            let c = condition(n, "KernelDeadlock").expect("KernelDeadlock on the Node");
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_deref(), c.message.as_deref()),
+                ("True", Some("DockerHung"), before.message.as_deref()),
+                "KernelDeadlock changed across the restart (Node version {versions}): {c:?}"
+            );
+        };
+
+        stop(first);
+        // Heartbeats have second resolution: the restarted agent's write is recognisable.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let second = node.start_agent(false).await;
+        // The restarted agent refreshes every condition it owns once connected.
+        loop {
+            let n = next_version(&mut watch).await;
+            check(&n);
+            let c = condition(&n, "KernelDeadlock").expect("KernelDeadlock");
+            if c.last_heartbeat_time
+                .as_ref()
+                .is_some_and(|t| t.0 > heartbeat_before.0)
+            {
+                break;
+            }
+        }
+        // Anything else it writes soon after must not flip it either: a change of our own
+        // marks the end of what is checked.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let marker = serde_json::json!({"metadata": {"labels": {"npd-test/marker": "done"}}});
+        node.nodes
+            .patch(&node.name, &PatchParams::default(), &Patch::Merge(&marker))
+            .await
+            .expect("labelling the Node");
+        loop {
+            let n = next_version(&mut watch).await;
+            check(&n);
+            if n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key("npd-test/marker"))
+            {
+                break;
+            }
+        }
+        assert!(
+            second.stderr().contains("Kubernetes exporter connected"),
+            "{}",
+            second.stderr()
+        );
+        node.assert_ready_unchanged();
+        stop(second);
+    });
+}
+
+#[test]
+fn a_fault_during_an_api_server_outage_lands_when_it_returns() {
+    const TEST: &str = "a_fault_during_an_api_server_outage_lands_when_it_returns";
+    let _serial = serial();
+    if !have_root(TEST) {
+        return;
+    }
+    // Its own API server: this test stops it.
+    let Some(server) = ApiServer::start(TEST) else {
+        return;
+    };
+    block_on(async {
+        let mut node = TestNode::new(&server, "npd-e2e-outage").await;
+        let agent = node.start_agent(true).await;
+
+        server.stop_apiserver();
+        write_kmsg(DOCKER_HUNG);
+        // The agent reported the fault and could not reach the API server (the first failure
+        // of an outage is logged, whether writing the condition or posting the TaskHung Event
+        // the same line gives).
+        wait_for("the fault reported during the outage", DEADLINE, || async {
+            let stderr = agent.stderr();
+            (stderr.contains(r#""type":"KernelDeadlock","status":"True","reason":"DockerHung""#)
+                && stderr.contains("failed; retrying with backoff"))
+            .then_some(())
+        })
+        .await;
+
+        server.start_apiserver();
+        let back = Instant::now();
+        node.reconnect(&server).await;
+        let c = node
+            .wait_condition("KernelDeadlock", "True", "DockerHung")
+            .await;
+        eprintln!(
+            "KernelDeadlock=True visible {:.1} s after the API server was ready again",
+            back.elapsed().as_secs_f64()
+        );
+        let message = c.message.clone().unwrap_or_default();
+        let expected = format!(
+            "Node condition KernelDeadlock is now: True, reason: DockerHung, message: \"{message}\""
+        );
+        node.wait_event("DockerHung", "the condition change", |m| m == expected)
+            .await;
+        node.assert_ready_unchanged();
+        stop(agent);
+    });
+}
