@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gen-configmap.sh: writes deploy/kubernetes/configmap.yaml (ConfigMap npd-config, mounted at
-# /etc/npd/ by the DaemonSet) from the default rule files config/kernel-monitor.json and
-# config/readonly-monitor.json. Run it after changing those files.
+# /etc/npd/ by the DaemonSet) from the default rule files in config/ (the ones the agent
+# embeds). Run it after changing those files.
 #
 # Usage: deploy/gen-configmap.sh [CONFIG_DIR]   (default: config/ of this checkout)
 set -euo pipefail
@@ -9,7 +9,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 config_dir=${1:-$root/config}
 out=$root/deploy/kubernetes/configmap.yaml
-files=(kernel-monitor.json readonly-monitor.json)
+# In the order the agent embeds them (structured.json uses conditions declared before it).
+files=(kernel-monitor.json readonly-monitor.json kernel-monitor-current.json structured.json)
 
 for f in "${files[@]}"; do
     [[ -f $config_dir/$f ]] || { echo "gen-configmap.sh: missing $config_dir/$f" >&2; exit 1; }
