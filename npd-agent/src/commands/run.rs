@@ -118,7 +118,13 @@ impl Publisher {
         self.metrics.observe_report(report);
         self.conditions.observe_report(report);
         match &self.kubernetes {
-            Some(kubernetes) => kubernetes.export(report),
+            Some(kubernetes) => {
+                // Standalone mode prints the same line on stdout; in a cluster it goes to the log.
+                if let Ok(line) = serde_json::to_string(report) {
+                    tracing::info!(report = %line, "problem");
+                }
+                kubernetes.export(report);
+            }
             None => {
                 let line = serde_json::to_string(report).context("encoding a report")?;
                 writeln!(out, "{line}").context("writing to stdout")?;
