@@ -10,7 +10,7 @@
 
 use std::{
     future::Future,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -22,11 +22,7 @@ use kube::{
     api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams},
 };
 use npd_tests::{
-    agent::Agent,
-    apiserver::ApiServer,
-    have_root,
-    kernel::{LoopDevice, MemCgroup, TempDir, sized_file, start_hog, write_kmsg},
-    serial, unique,
+    agent::Agent, apiserver::ApiServer, faults, have_root, kernel::write_kmsg, serial, unique,
 };
 use serde_json::Value;
 
@@ -275,20 +271,7 @@ async fn docker_hung_and_kernel_oops(node: &TestNode) {
 /// A real OOM kill in a memory cgroup: exactly one OOMKilling Event (count 1) naming the
 /// victim's pid and comm, although the kernel also prints text the log rules match.
 async fn oom_kill(node: &TestNode) {
-    let cgroup = MemCgroup::new(32);
-    let mut victim = start_hog(Command::new(env!("CARGO_BIN_EXE_npd-test-hog")).args([
-        "oom",
-        &cgroup.0.to_string_lossy(),
-        "200",
-    ]));
-    let pid = victim.pid();
-    let status = victim.wait(DEADLINE);
-    use std::os::unix::process::ExitStatusExt as _;
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "the hog was not OOM-killed: {status}"
-    );
+    let pid = faults::oom_kill(Path::new(env!("CARGO_BIN_EXE_npd-test-hog")));
     let victim_text = format!("Killed process {pid} (npd-test-hog)");
     node.wait_event("OOMKilling", &victim_text, |m| m.contains(&victim_text))
         .await;
@@ -323,24 +306,8 @@ async fn oom_kill(node: &TestNode) {
 /// A real failed block read (direct read past the end of a shrunk loop device): an IOError
 /// Event naming the device, once.
 async fn block_error(node: &TestNode) {
-    let dir = TempDir::new("npd-e2e-blk");
-    let file = dir.join("disk.img");
-    sized_file(&file, 16);
-    let dev = LoopDevice::attach(&file);
-    sized_file(&file, 8);
-    let out = Command::new("dd")
-        .args([
-            &format!("if={}", dev.path),
-            "of=/dev/null",
-            "bs=4k",
-            "skip=3072",
-            "count=1",
-            "iflag=direct",
-        ])
-        .output()
-        .expect("running dd");
-    assert!(!out.status.success(), "the read past the end should fail");
-    let name = dev.name().to_owned();
+    let failed = faults::failed_read();
+    let name = failed.dev.name().to_owned();
     // `dev loop1 ` or `dev loop1,`, never `dev loop10`.
     let names_device =
         |m: &str| m.contains(&format!("dev {name} ")) || m.contains(&format!("dev {name},"));
@@ -363,61 +330,54 @@ async fn block_error(node: &TestNode) {
     assert_eq!(about_device[0].count, Some(1), "{about_device:#?}");
 }
 
-#[test]
-fn docker_hung_and_kernel_oops_lines_reach_the_node() {
-    const TEST: &str = "docker_hung_and_kernel_oops_lines_reach_the_node";
+/// Runs `fault` against a fresh Node and agent on the shared API server, then checks that
+/// kubelet's Ready condition is unchanged.
+fn one_fault(
+    test: &str,
+    node_name: &str,
+    fault: impl for<'a> FnOnce(&'a TestNode) -> std::pin::Pin<Box<dyn Future<Output = ()> + 'a>>,
+) {
     let _serial = serial();
-    if !have_root(TEST) {
+    if !have_root(test) {
         return;
     }
-    let Some(server) = ApiServer::shared(TEST) else {
+    let Some(server) = ApiServer::shared(test) else {
         return;
     };
     block_on(async {
-        let node = TestNode::new(server, "npd-e2e-lines").await;
+        let node = TestNode::new(server, node_name).await;
         let agent = node.start_agent(true).await;
-        docker_hung_and_kernel_oops(&node).await;
+        fault(&node).await;
         node.assert_ready_unchanged();
         stop(agent);
     });
+}
+
+#[test]
+fn docker_hung_and_kernel_oops_lines_reach_the_node() {
+    one_fault(
+        "docker_hung_and_kernel_oops_lines_reach_the_node",
+        "npd-e2e-lines",
+        |node| Box::pin(docker_hung_and_kernel_oops(node)),
+    );
 }
 
 #[test]
 fn a_real_oom_kill_posts_one_oomkilling_event() {
-    const TEST: &str = "a_real_oom_kill_posts_one_oomkilling_event";
-    let _serial = serial();
-    if !have_root(TEST) {
-        return;
-    }
-    let Some(server) = ApiServer::shared(TEST) else {
-        return;
-    };
-    block_on(async {
-        let node = TestNode::new(server, "npd-e2e-oom").await;
-        let agent = node.start_agent(true).await;
-        oom_kill(&node).await;
-        node.assert_ready_unchanged();
-        stop(agent);
-    });
+    one_fault(
+        "a_real_oom_kill_posts_one_oomkilling_event",
+        "npd-e2e-oom",
+        |node| Box::pin(oom_kill(node)),
+    );
 }
 
 #[test]
 fn a_real_block_error_posts_an_ioerror_event_naming_the_device() {
-    const TEST: &str = "a_real_block_error_posts_an_ioerror_event_naming_the_device";
-    let _serial = serial();
-    if !have_root(TEST) {
-        return;
-    }
-    let Some(server) = ApiServer::shared(TEST) else {
-        return;
-    };
-    block_on(async {
-        let node = TestNode::new(server, "npd-e2e-blk").await;
-        let agent = node.start_agent(true).await;
-        block_error(&node).await;
-        node.assert_ready_unchanged();
-        stop(agent);
-    });
+    one_fault(
+        "a_real_block_error_posts_an_ioerror_event_naming_the_device",
+        "npd-e2e-blk",
+        |node| Box::pin(block_error(node)),
+    );
 }
 
 #[test]
