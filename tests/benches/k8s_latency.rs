@@ -22,7 +22,7 @@ use kube::{
 };
 use npd_tests::{
     agent::Agent,
-    apiserver::ApiServer,
+    apiserver::{ApiServer, node_condition},
     kernel::{TempDir, write_kmsg},
     unique,
 };
@@ -63,14 +63,8 @@ fn rule_file(marker: &str, trials: usize) -> serde_json::Value {
     })
 }
 
-fn status(node: &Node, type_: &str) -> Option<String> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.status.clone())
+fn status<'a>(node: &'a Node, type_: &str) -> Option<&'a str> {
+    node_condition(node, type_).map(|c| c.status.as_str())
 }
 
 fn main() {
@@ -118,7 +112,7 @@ async fn bench(server: &ApiServer, trials: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let rv = loop {
         if let Ok(node) = nodes.get(NODE).await
-            && status(&node, &last).as_deref() == Some("False")
+            && status(&node, &last) == Some("False")
         {
             break node.metadata.resource_version.expect("a resourceVersion");
         }
@@ -145,7 +139,7 @@ async fn bench(server: &ApiServer, trials: usize) {
                 .expect("watch error")
                 .expect("watch ended");
             if let WatchEvent::Modified(node) = event
-                && status(&node, &type_).as_deref() == Some("True")
+                && status(&node, &type_) == Some("True")
             {
                 break;
             }

@@ -22,13 +22,23 @@ use std::{
 
 use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{Node, ServiceAccount},
+    core::v1::{Node, NodeCondition, ServiceAccount},
 };
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
+
+/// The Node's condition of type `type_`, if it has one.
+pub fn node_condition<'a>(node: &'a Node, type_: &str) -> Option<&'a NodeCondition> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+}
 
 /// The namespace and name of npd's service account in `deploy/kubernetes/rbac.yaml`.
 pub const SERVICE_ACCOUNT: (&str, &str) = ("kube-system", "npd");

@@ -22,7 +22,11 @@ use kube::{
     api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams},
 };
 use npd_tests::{
-    agent::Agent, apiserver::ApiServer, faults, have_root, kernel::write_kmsg, serial, unique,
+    agent::Agent,
+    apiserver::{ApiServer, node_condition},
+    faults, have_root,
+    kernel::write_kmsg,
+    serial, unique,
 };
 use serde_json::Value;
 
@@ -63,15 +67,6 @@ async fn wait_for<T, F: Future<Output = Option<T>>>(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn condition<'a>(node: &'a Node, type_: &str) -> Option<&'a NodeCondition> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == type_)
 }
 
 /// A Node registered for one test, with npd's service account kubeconfig and admin access.
@@ -139,7 +134,7 @@ impl TestNode {
         let what = format!("{type_}={status} ({reason}) on {}", self.name);
         wait_for(&what, DEADLINE, || async {
             let node = self.get().await?;
-            condition(&node, type_)
+            node_condition(&node, type_)
                 .filter(|c| c.status == status && c.reason.as_deref() == Some(reason))
                 .cloned()
         })
@@ -465,7 +460,7 @@ fn an_agent_restart_keeps_a_true_condition_true() {
         let mut versions = 0;
         let mut check = |n: &Node| {
             versions += 1;
-            let c = condition(n, "KernelDeadlock").expect("KernelDeadlock on the Node");
+            let c = node_condition(n, "KernelDeadlock").expect("KernelDeadlock on the Node");
             assert_eq!(
                 (c.status.as_str(), c.reason.as_deref(), c.message.as_deref()),
                 ("True", Some("DockerHung"), before.message.as_deref()),
@@ -481,7 +476,7 @@ fn an_agent_restart_keeps_a_true_condition_true() {
         loop {
             let n = next_version(&mut watch).await;
             check(&n);
-            let c = condition(&n, "KernelDeadlock").expect("KernelDeadlock");
+            let c = node_condition(&n, "KernelDeadlock").expect("KernelDeadlock");
             if c.last_heartbeat_time
                 .as_ref()
                 .is_some_and(|t| t.0 > heartbeat_before.0)

@@ -23,7 +23,7 @@ use npd_agent::{
         condition_change_message,
     },
 };
-use npd_tests::apiserver::{ApiServer, client_from_kubeconfig, repo_root};
+use npd_tests::apiserver::{ApiServer, client_from_kubeconfig, node_condition, repo_root};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const SOURCE: &str = "kernel-monitor";
@@ -111,12 +111,9 @@ async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, mut check: impl 
     }
 }
 
-async fn node_condition(nodes: &Api<Node>, node: &str, type_: &str) -> Option<NodeCondition> {
+async fn fetch_condition(nodes: &Api<Node>, node: &str, type_: &str) -> Option<NodeCondition> {
     let node = nodes.get(node).await.ok()?;
-    node.status?
-        .conditions?
-        .into_iter()
-        .find(|c| c.type_ == type_)
+    node_condition(&node, type_).cloned()
 }
 
 /// Waits until the Node has condition `type_` with `status` and `reason`.
@@ -130,7 +127,7 @@ async fn wait_condition(
     wait_for(
         &format!("{type_}={status} ({reason}) on {node}"),
         || async {
-            node_condition(nodes, node, type_)
+            fetch_condition(nodes, node, type_)
                 .await
                 .filter(|c| c.status == status && c.reason.as_deref() == Some(reason))
         },
@@ -466,7 +463,7 @@ async fn a_restarted_exporter_adopts_a_true_condition() {
     // The restarted exporter did write (heartbeat of adopted conditions), just not False.
     assert!(second.stats().call(ApiCall::PatchNodeStatus).ok >= 1);
     second.shutdown().await;
-    let c = node_condition(&nodes, name, "KernelDeadlock")
+    let c = fetch_condition(&nodes, name, "KernelDeadlock")
         .await
         .unwrap();
     assert_eq!(
@@ -607,7 +604,7 @@ async fn heartbeats_refresh_every_owned_condition() {
     .await;
     for type_ in ["KernelDeadlock", "ReadonlyFilesystem"] {
         let later = wait_for(&format!("a newer heartbeat of {type_}"), || async {
-            node_condition(&nodes, name, type_)
+            fetch_condition(&nodes, name, type_)
                 .await
                 .filter(|c| c.last_heartbeat_time > first.last_heartbeat_time)
         })
