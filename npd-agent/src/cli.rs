@@ -62,10 +62,12 @@ pub struct RunArgs {
     /// when none is given.
     #[arg(long = "config", value_name = "FILE")]
     pub config: Vec<PathBuf>,
-    /// Size of the eBPF ring buffer in bytes (a power of two, at least one page).
-    #[arg(long, default_value_t = crate::sensor::DEFAULT_RING_BUFFER_SIZE, value_name = "BYTES")]
+    /// Size of the eBPF ring buffer in bytes: a power of two from 4096 (one page) to 1 GiB.
+    #[arg(long, default_value_t = crate::sensor::DEFAULT_RING_BUFFER_SIZE, value_name = "BYTES",
+          value_parser = ring_buffer_size)]
     pub ring_buffer_size: u32,
-    /// Where tracefs is (mounted there when it is not).
+    /// Where tracefs is. When it is not there, npd mounts it, but only at /sys/kernel/tracing
+    /// or on an empty directory, and unmounts it at exit.
     #[arg(long, default_value = "/sys/kernel/tracing", value_name = "DIR")]
     pub tracefs: PathBuf,
     /// The kernel log device read by the `/dev/kmsg` source.
@@ -82,8 +84,9 @@ pub struct RunArgs {
     /// The Node's name (else `NODE_NAME`, else the host name).
     #[arg(long, value_name = "NAME")]
     pub hostname_override: Option<String>,
-    /// How often npd's Node conditions are re-written to refresh `lastHeartbeatTime`.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    /// How often npd's Node conditions are re-written to refresh `lastHeartbeatTime`: from 1s
+    /// to 24h.
+    #[arg(long, default_value = "5m", value_parser = heartbeat_period, value_name = "DURATION")]
     pub k8s_exporter_heartbeat_period: Duration,
     /// Address of the health server (`/healthz`, `/conditions`), as NPD's `--address`.
     #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
@@ -113,6 +116,30 @@ pub struct RunArgs {
     /// report through the exporters). Off by default; for tests and demonstrations only.
     #[arg(long)]
     pub debug_endpoints: bool,
+}
+
+/// The smallest and largest `--ring-buffer-size`.
+pub const RING_BUFFER_SIZES: (u32, u32) = (4096, 1 << 30);
+
+/// `--ring-buffer-size`: a power of two within [`RING_BUFFER_SIZES`] (the kernel's rule for a
+/// BPF ring buffer, which must also be a multiple of the page size).
+fn ring_buffer_size(text: &str) -> Result<u32, String> {
+    let (min, max) = RING_BUFFER_SIZES;
+    let n: u32 = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a size in bytes: {e}"))?;
+    if !n.is_power_of_two() || n < min || n > max {
+        return Err(format!(
+            "{n} is not a power of two from {min} to {max} bytes (e.g. 4194304 for 4 MiB)"
+        ));
+    }
+    Ok(n)
+}
+
+/// `--k8s-exporter-heartbeat-period`: 0s would write the Node in a tight loop, and a huge value
+/// overflows the clock.
+fn heartbeat_period(text: &str) -> Result<Duration, String> {
+    crate::time::parse_bounded(text, Duration::from_secs(1), Duration::from_secs(24 * 3600))
 }
 
 /// Options of `check-config`.
@@ -227,9 +254,28 @@ mod tests {
             cli.run.k8s_exporter_heartbeat_period,
             Duration::from_secs(90)
         );
-        assert!(
-            Cli::try_parse_from(["npd-agent", "--k8s-exporter-heartbeat-period=often"]).is_err()
-        );
+        for bad in ["often", "0s", "400000000000y", "25h"] {
+            let flag = format!("--k8s-exporter-heartbeat-period={bad}");
+            let err = Cli::try_parse_from(["npd-agent", flag.as_str()]).unwrap_err();
+            assert!(
+                err.to_string().contains("--k8s-exporter-heartbeat-period"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn ring_buffer_size_is_checked_at_start() {
+        let cli = Cli::try_parse_from(["npd-agent", "--ring-buffer-size", "8192"]).unwrap();
+        assert_eq!(cli.run.ring_buffer_size, 8192);
+        for bad in ["0", "4095", "5000", "2048", "2147483648", "-1", "lots"] {
+            let flag = format!("--ring-buffer-size={bad}");
+            let err = Cli::try_parse_from(["npd-agent", flag.as_str()]).unwrap_err();
+            assert!(
+                err.to_string().contains("--ring-buffer-size"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! to its default False state after a quiet period, reported as a Normal change. No I/O; the
 //! time is always a parameter.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use crate::problem::{Condition, ConditionChange, ConditionStatus};
 
@@ -21,8 +24,23 @@ struct State {
     default_reason: String,
     default_message: String,
     current: Condition,
-    /// When it returns to False, if it recovers.
-    recover_at: Option<SystemTime>,
+    /// If it recovers: since when it is quiet, and how long a quiet period recovers it.
+    recover: Option<(SystemTime, Duration)>,
+}
+
+impl State {
+    /// When its quiet period ends, if it recovers (saturating: never overflows).
+    fn recover_at(&self) -> Option<SystemTime> {
+        self.recover
+            .map(|(since, after)| crate::time::add(since, after))
+    }
+
+    /// Whether its quiet period has ended by `now` (compared as elapsed time).
+    fn recovers_by(&self, now: SystemTime) -> bool {
+        self.recover.is_some_and(|(since, after)| {
+            now.duration_since(since).is_ok_and(|quiet| quiet >= after)
+        })
+    }
 }
 
 impl ConditionManager {
@@ -50,7 +68,7 @@ impl ConditionManager {
                 message: message.to_owned(),
                 transition_time: now,
             },
-            recover_at: None,
+            recover: None,
         });
     }
 
@@ -77,10 +95,10 @@ impl ConditionManager {
         reason: &str,
         message: &str,
         now: SystemTime,
-        recover_after: Option<std::time::Duration>,
+        recover_after: Option<Duration>,
     ) -> Option<ConditionChange> {
         let s = &mut self.conditions[*self.by_type.get(type_)?];
-        s.recover_at = recover_after.map(|d| now + d);
+        s.recover = recover_after.map(|after| (now, after));
         if s.current.status == ConditionStatus::True && s.current.reason == reason {
             return None;
         }
@@ -96,7 +114,7 @@ impl ConditionManager {
 
     /// The earliest pending recovery.
     pub fn next_deadline(&self) -> Option<SystemTime> {
-        self.conditions.iter().filter_map(|s| s.recover_at).min()
+        self.conditions.iter().filter_map(State::recover_at).min()
     }
 
     /// Recovers every condition whose quiet period ended at or before `now`, in deadline order.
@@ -106,13 +124,14 @@ impl ConditionManager {
             .conditions
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.recover_at.filter(|&t| t <= now).map(|t| (t, i)))
+            .filter(|(_, s)| s.recovers_by(now))
+            .filter_map(|(i, s)| s.recover_at().map(|t| (t, i)))
             .collect();
         due.sort();
         due.into_iter()
             .map(|(at, i)| {
                 let s = &mut self.conditions[i];
-                s.recover_at = None;
+                s.recover = None;
                 s.current = Condition {
                     type_: s.current.type_.clone(),
                     status: ConditionStatus::False,
@@ -144,8 +163,6 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn t(secs: u64) -> SystemTime {

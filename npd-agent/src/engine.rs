@@ -10,7 +10,7 @@
 //! only patterns that can span lines use NPD's buffer of recent messages.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     time::{Instant, SystemTime},
 };
 
@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::{
     conditions::ConditionManager,
+    dedup::{ReportedFaults, Seen},
     event::KernelEvent,
     problem::{ConditionChange, ProblemEvent, Report, Severity},
     rules::{
@@ -59,12 +60,6 @@ enum Origin {
 }
 
 #[derive(Debug)]
-struct DedupEntry {
-    expires: SystemTime,
-    origin: Origin,
-}
-
-#[derive(Debug)]
 struct FileState {
     source: String,
     buffer_size: usize,
@@ -92,7 +87,7 @@ pub struct Engine {
     structured: [Vec<usize>; 3],
     conditions: ConditionManager,
     rates: Vec<VecDeque<SystemTime>>,
-    dedup: HashMap<(String, FaultKey), DedupEntry>,
+    reported: ReportedFaults<(String, FaultKey), Origin>,
     stats: EngineStats,
 }
 
@@ -103,9 +98,6 @@ fn kind_index(kind: EventKind) -> usize {
         EventKind::BlockError => 2,
     }
 }
-
-/// Above this many remembered faults, expired ones are swept.
-const DEDUP_SWEEP_AT: usize = 4096;
 
 impl Engine {
     /// Builds an engine; every condition starts in its default False state.
@@ -177,7 +169,7 @@ impl Engine {
             structured,
             conditions,
             rates,
-            dedup: HashMap::new(),
+            reported: ReportedFaults::default(),
             stats: EngineStats::default(),
         }
     }
@@ -406,9 +398,14 @@ impl Engine {
     ) {
         let rule = &self.rules[i].rule;
         if let Some(rate) = rule.rate {
+            // The matches within the window, at most `count` of them: a storm costs no memory.
             let seen = &mut self.rates[i];
             seen.push_back(now);
-            while seen.front().is_some_and(|&t| t + rate.window <= now) {
+            while seen.len() > rate.count as usize
+                || seen
+                    .front()
+                    .is_some_and(|&t| elapsed(t, now) >= rate.window)
+            {
                 seen.pop_front();
             }
             if seen.len() < rate.count as usize {
@@ -473,32 +470,25 @@ impl Engine {
         origin: Origin,
         now: SystemTime,
     ) -> bool {
-        if self.dedup.len() >= DEDUP_SWEEP_AT {
-            self.dedup.retain(|_, e| e.expires > now);
-        }
-        match self.dedup.get_mut(&(reason.clone(), fault.clone())) {
-            Some(e) if now < e.expires => {
+        match self
+            .reported
+            .check(&(reason, fault), origin, window.window, window.sliding, now)
+        {
+            Seen::New => false,
+            Seen::Repeat { origin: first } => {
                 self.stats.repeats_suppressed += 1;
-                if e.origin != origin {
+                if first != origin {
                     self.stats.correlated += 1;
-                }
-                if window.sliding {
-                    e.expires = e.expires.max(now + window.window);
                 }
                 true
             }
-            _ => {
-                self.dedup.insert(
-                    (reason, fault),
-                    DedupEntry {
-                        expires: now + window.window,
-                        origin,
-                    },
-                );
-                false
-            }
         }
     }
+}
+
+/// How long after `since` it is at `now` (zero when the clock went back).
+fn elapsed(since: SystemTime, now: SystemTime) -> std::time::Duration {
+    now.duration_since(since).unwrap_or_default()
 }
 
 fn elapsed_nanos(start: Instant) -> u64 {

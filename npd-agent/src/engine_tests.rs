@@ -588,8 +588,65 @@ fn hostile_messages() {
     assert_eq!(reasons(&engine.handle(&log("b"), t(0))), ["X"]);
 }
 
+/// Times a replayed line claims are clamped to year 9999: no overflow, and every report is
+/// still written, with the latest time RFC 3339 can hold.
+#[test]
+fn replay_survives_any_time() {
+    let windows = rules(
+        r#"{"source":"m","conditions":[{"type":"KernelDeadlock","reason":"KernelHasNoDeadlock","message":"ok"}],
+        "rules":[
+          {"type":"permanent","condition":"KernelDeadlock","reason":"DockerHung","pattern":"task docker:\\w+ blocked.*","recoverAfter":"366d"},
+          {"type":"temporary","reason":"Often","pattern":"often","rate":{"count":2,"window":"366d"}},
+          {"type":"temporary","reason":"OOMKilling","pattern":"Killed process .*","dedupWindow":"366d"}
+        ]}"#,
+    );
+    let input = [
+        "[18446744073709551615.0] x",
+        "[18446744073709551615.999999999] task docker:7 blocked for more than 120 seconds.",
+        "6,1,18446744073709551615,-;often",
+        "[253402300800.0] often",
+        "6,2,18446744073709551615,-;Killed process 7 (x) total-vm:1kB",
+    ]
+    .join("\n");
+    let mut out = Vec::new();
+    replay(windows, input.as_bytes(), &mut out).unwrap();
+    let lines: Vec<Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let reasons: Vec<&str> = lines
+        .iter()
+        .map(|v| v["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["DockerHung", "Often", "OOMKilling"], "{lines:?}");
+    assert_eq!(lines[0]["transition_time"], "9999-12-31T23:59:59Z");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn replay_survives_any_recorded_time(
+        stamps in proptest::collection::vec((any::<u64>(), 0u32..1_000_000_000, any::<bool>()), 1..20),
+    ) {
+        let input: Vec<String> = stamps
+            .iter()
+            .enumerate()
+            .map(|(i, (secs, nanos, kmsg))| {
+                let text = ["task docker:1 blocked for more than 120 seconds.",
+                    "Killed process 1 (x) total-vm:1kB", "BUG: unable to handle kernel x"][i % 3];
+                if *kmsg {
+                    format!("6,{i},{secs},-;{text}")
+                } else {
+                    format!("[{secs}.{nanos:09}] {text}")
+                }
+            })
+            .collect();
+        let mut out = Vec::new();
+        replay(RuleSet::defaults(), input.join("\n").as_bytes(), &mut out).unwrap();
+        prop_assert!(!out.is_empty());
+    }
 
     #[test]
     fn replay_survives_arbitrary_bytes(input in proptest::collection::vec(any::<u8>(), 0..4096)) {

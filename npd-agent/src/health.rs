@@ -262,7 +262,7 @@ impl ConditionBoard {
     /// `message`); the heartbeat is when npd last updated the condition.
     pub fn to_json(&self) -> serde_json::Value {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        let time = |t: &SystemTime| humantime::format_rfc3339_seconds(*t).to_string();
+        let time = |t: &SystemTime| crate::time::rfc3339(*t);
         serde_json::Value::Array(
             entries
                 .iter()

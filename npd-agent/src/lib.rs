@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod commands;
 pub mod conditions;
+pub mod dedup;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
@@ -19,3 +20,4 @@ pub mod metrics;
 pub mod problem;
 pub mod rules;
 pub mod sensor;
+pub mod time;

@@ -117,9 +117,10 @@ pub fn condition_change_message(c: &Condition) -> String {
     )
 }
 
-/// Serializes a time as RFC 3339 UTC with second precision (what Kubernetes uses).
+/// Serializes a time as RFC 3339 UTC with second precision (what Kubernetes uses), clamped to
+/// what RFC 3339 can write (see [`crate::time::rfc3339`]): it never fails.
 pub fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_seconds(*t))
+    s.serialize_str(&crate::time::rfc3339(*t))
 }
 
 #[cfg(test)]

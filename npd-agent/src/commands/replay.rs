@@ -75,7 +75,8 @@ pub fn replay(rules: RuleSet, mut input: impl BufRead, out: &mut impl Write) -> 
         let line = parse_line(&buf);
         after_record = line.from_kmsg;
         if let Some(t) = line.since_boot {
-            clock = clock.max(SystemTime::UNIX_EPOCH + t);
+            // Any time a line claims, up to year 9999: the clock never overflows.
+            clock = clock.max(crate::time::add(SystemTime::UNIX_EPOCH, t));
         }
         let event = KernelEvent::Log(LogMessage::new(line.text));
         for report in engine.handle(&event, clock) {

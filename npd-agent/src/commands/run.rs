@@ -100,6 +100,53 @@ fn init_tracing(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// JSON lines on stdout, buffered per burst. A closed stdout (EPIPE: whoever read it went
+/// away) is not an error: it is remembered, nothing more is written, and the agent stops
+/// cleanly.
+struct JsonLines<W: std::io::Write> {
+    out: std::io::BufWriter<W>,
+    closed: bool,
+}
+
+impl<W: std::io::Write> JsonLines<W> {
+    fn new(out: W) -> Self {
+        JsonLines {
+            out: std::io::BufWriter::with_capacity(64 * 1024, out),
+            closed: false,
+        }
+    }
+
+    /// Writes one value as a line (buffered).
+    fn line(&mut self, value: &impl serde::Serialize) -> anyhow::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let mut line = serde_json::to_vec(value).context("encoding a JSON line")?;
+        line.push(b'\n');
+        let written = self.out.write_all(&line);
+        self.check(written)
+    }
+
+    /// Writes out what is buffered.
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let flushed = self.out.flush();
+        self.check(flushed)
+    }
+
+    fn check(&mut self, result: std::io::Result<()>) -> anyhow::Result<()> {
+        match result {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            other => other.context("writing to stdout"),
+        }
+    }
+}
+
 /// Where reports go: Kubernetes (or, standalone, stdout JSON lines), metrics, `/conditions`.
 struct Publisher {
     metrics: Arc<Metrics>,
@@ -109,12 +156,20 @@ struct Publisher {
 
 impl Publisher {
     /// Publishes every report, in order.
-    fn publish_all(&self, reports: &[Report], out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    fn publish_all<W: std::io::Write>(
+        &self,
+        reports: &[Report],
+        out: &mut JsonLines<W>,
+    ) -> anyhow::Result<()> {
         reports.iter().try_for_each(|r| self.publish(r, out))
     }
 
     /// The one place a report is exported: every exporter sees it, in order.
-    fn publish(&self, report: &Report, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    fn publish<W: std::io::Write>(
+        &self,
+        report: &Report,
+        out: &mut JsonLines<W>,
+    ) -> anyhow::Result<()> {
         self.metrics.observe_report(report);
         self.conditions.observe_report(report);
         match &self.kubernetes {
@@ -124,14 +179,20 @@ impl Publisher {
                     tracing::info!(report = %line, "problem");
                 }
                 kubernetes.export(report);
+                Ok(())
             }
-            None => {
-                let line = serde_json::to_string(report).context("encoding a report")?;
-                writeln!(out, "{line}").context("writing to stdout")?;
-            }
+            None => out.line(report),
         }
-        Ok(())
     }
+}
+
+/// Why the main loop ended.
+enum Stop {
+    Signal(&'static str),
+    /// The only kernel event input ended (a file or a pipe given as `--kmsg-path`).
+    InputEnded,
+    /// Nobody reads stdout any more.
+    StdoutClosed,
 }
 
 async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
@@ -224,13 +285,19 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
-    let signal_name = loop {
+    let mut out = JsonLines::new(stdout.lock());
+    let stop = loop {
+        if out.closed {
+            break Stop::StdoutClosed;
+        }
         tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
+            _ = sigint.recv() => break Stop::Signal("SIGINT"),
             event = sensor.events.recv() => {
                 let Some(event) = event else {
+                    if sensor.stats.input_ended.load(Ordering::SeqCst) {
+                        break Stop::InputEnded;
+                    }
                     anyhow::bail!("the sensor stopped: {}", reader_error(&sensor));
                 };
                 handle(&args, &event, &mut out)?;
@@ -240,24 +307,32 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
                     handle(&args, &event, &mut out)?;
                     publisher.publish_all(&engine.handle(&event, SystemTime::now()), &mut out)?;
                 }
-                out.flush().context("writing to stdout")?;
+                out.flush()?;
                 set_counters(&engine_stats, &engine);
             }
             () = sleep_until(engine.next_deadline()) => {
                 publisher.publish_all(&engine.on_deadline(SystemTime::now()), &mut out)?;
-                out.flush().context("writing to stdout")?;
+                out.flush()?;
                 set_counters(&engine_stats, &engine);
             }
             Some(report) = injected.recv() => {
                 publisher.publish(&report, &mut out)?;
-                out.flush().context("writing to stdout")?;
+                out.flush()?;
             }
         }
     };
 
     // Flush the last state: what the sensor already delivered and every queued report, then
     // the exporters (stdout here; the Kubernetes exporter's final status write joins here).
-    tracing::info!("{signal_name} received: flushing the last state");
+    match stop {
+        Stop::Signal(name) => tracing::info!("{name} received: flushing the last state"),
+        Stop::InputEnded => {
+            tracing::info!("the kernel event input ended: flushing the last state and stopping")
+        }
+        Stop::StdoutClosed => tracing::warn!(
+            "stdout is closed (EPIPE: its reader went away): stopping; nothing more is printed"
+        ),
+    }
     while let Ok(event) = sensor.events.try_recv() {
         handle(&args, &event, &mut out)?;
         publisher.publish_all(&engine.handle(&event, SystemTime::now()), &mut out)?;
@@ -266,9 +341,9 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
         publisher.publish(&report, &mut out)?;
     }
     if args.kernel_events {
-        writeln!(out, "{}", stats_line(&sensor)).context("writing to stdout")?;
+        out.line(&stats_line(&sensor))?;
     }
-    out.flush().context("writing to stdout")?;
+    out.flush()?;
     if let Some(kubernetes) = publisher.kubernetes {
         kubernetes.shutdown().await;
     }
@@ -381,10 +456,10 @@ fn log_startup(
     );
 }
 
-fn handle(
+fn handle<W: std::io::Write>(
     args: &RunArgs,
     event: &KernelEvent,
-    out: &mut impl std::io::Write,
+    out: &mut JsonLines<W>,
 ) -> anyhow::Result<()> {
     if args.kernel_events {
         let mut line = serde_json::Map::new();
@@ -394,7 +469,7 @@ fn handle(
         {
             line.extend(fields);
         }
-        writeln!(out, "{}", serde_json::Value::Object(line)).context("writing to stdout")?;
+        out.line(&serde_json::Value::Object(line))?;
     }
     Ok(())
 }

@@ -655,7 +655,7 @@ impl Worker {
 
     /// Writes these conditions to the Node's status, leaving every other condition alone.
     async fn patch_conditions(&self, conditions: &[Condition]) -> Result<(), CallError> {
-        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let now = crate::time::rfc3339(SystemTime::now());
         let conditions: Vec<serde_json::Value> = conditions
             .iter()
             .map(|c| {
@@ -665,7 +665,7 @@ impl Worker {
                     "reason": c.reason,
                     "message": c.message,
                     "lastTransitionTime":
-                        humantime::format_rfc3339_seconds(c.transition_time).to_string(),
+                        crate::time::rfc3339(c.transition_time),
                     "lastHeartbeatTime": now,
                 })
             })
@@ -693,7 +693,7 @@ impl Worker {
             let count = posted.count.saturating_add(event.count);
             let patch = serde_json::json!({
                 "count": count,
-                "lastTimestamp": humantime::format_rfc3339_seconds(event.last).to_string(),
+                "lastTimestamp": crate::time::rfc3339(event.last),
             });
             let params = PatchParams {
                 field_manager: Some(FIELD_MANAGER.into()),
@@ -763,8 +763,25 @@ impl Worker {
     }
 }
 
-/// npd's view of a Node condition.
+/// npd's view of a Node condition. Its transition time is whatever the Node says, which anyone
+/// who may patch `nodes/status` can set: a missing one becomes now, and one that cannot be
+/// written back (before 1970, after year 9999) is clamped, and said so.
 fn from_node_condition(c: &NodeCondition) -> Condition {
+    let transition_time = match &c.last_transition_time {
+        None => SystemTime::now(),
+        Some(t) => {
+            let (clamped, moved) = crate::time::clamp(SystemTime::from(t.0));
+            if moved {
+                tracing::warn!(
+                    condition = %c.type_,
+                    found = %t.0,
+                    used = %crate::time::rfc3339(clamped),
+                    "the Node's condition has a lastTransitionTime npd cannot write back; clamped"
+                );
+            }
+            clamped
+        }
+    };
     Condition {
         type_: c.type_.clone(),
         status: match c.status.as_str() {
@@ -774,16 +791,13 @@ fn from_node_condition(c: &NodeCondition) -> Condition {
         },
         reason: c.reason.clone().unwrap_or_default(),
         message: c.message.clone().unwrap_or_default(),
-        transition_time: c
-            .last_transition_time
-            .as_ref()
-            .map_or_else(SystemTime::now, |t| SystemTime::from(t.0)),
+        transition_time,
     }
 }
 
 fn k8s_time(t: SystemTime) -> Time {
     Time(
-        k8s_openapi::jiff::Timestamp::try_from(t)
+        k8s_openapi::jiff::Timestamp::try_from(crate::time::clamp(t).0)
             .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
     )
 }

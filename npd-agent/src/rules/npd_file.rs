@@ -263,6 +263,16 @@ pub fn parse(name: &str, bytes: &[u8]) -> Result<MonitorFile, Vec<ConfigProblem>
 
 fn duration(text: &str, at: String, p: &mut Problems<'_>) -> Option<Duration> {
     match humantime::parse_duration(text) {
+        Ok(d) if d > crate::time::MAX_WINDOW => {
+            p.add(
+                at,
+                ConfigReason::Invalid(format!(
+                    "duration {text:?} is too long; the limit is {}",
+                    humantime::format_duration(crate::time::MAX_WINDOW)
+                )),
+            );
+            None
+        }
         Ok(d) if !d.is_zero() => Some(d),
         Ok(_) => {
             p.add(
@@ -550,6 +560,19 @@ mod tests {
             has(&l, "$.rules[7].rate.window", "invalid duration"),
             "{l:?}"
         );
+        // Windows beyond a year (they would overflow the clock at the first match).
+        let l = problems(
+            r#"{"source":"s","conditions":[{"type":"A","reason":"r","message":"m"}],"rules":[
+                {"type":"temporary","reason":"A","event":"oom_kill","dedupWindow":"400000000000y"},
+                {"type":"permanent","condition":"A","reason":"B","pattern":"x","recoverAfter":"367d"},
+                {"type":"temporary","reason":"C","pattern":"x","rate":{"count":2,"window":"18446744073709551615s"}},
+                {"type":"temporary","reason":"D","pattern":"x","rate":{"count":2,"window":"366d"}}
+            ]}"#,
+        );
+        assert!(has(&l, "$.rules[0].dedupWindow", "too long"), "{l:?}");
+        assert!(has(&l, "$.rules[1].recoverAfter", "too long"), "{l:?}");
+        assert!(has(&l, "$.rules[2].rate.window", "too long"), "{l:?}");
+        assert_eq!(l.len(), 3, "a year is allowed: {l:?}");
         let l = problems(
             r#"{"source":"s","conditions":[{"type":"A","reason":"r","message":"m"},{"type":"A","reason":"r","message":"m"}]}"#,
         );

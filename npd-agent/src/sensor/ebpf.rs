@@ -84,6 +84,8 @@ pub struct EbpfSource {
     losses: Arc<LossCounters>,
     // Keeps the programs loaded and attached; the maps we use were taken out of it.
     _ebpf: Ebpf,
+    // Dropped after the programs: the tracefs npd mounted, if it did.
+    _tracefs: Option<TracefsMount>,
 }
 
 /// The programs' per-CPU loss counters (the `LOSSES` map). Shared with metrics and health,
@@ -127,7 +129,9 @@ struct RingReader {
 }
 
 impl supervise::Reader for RingReader {
-    fn run(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send + '_ {
+    fn run(
+        &mut self,
+    ) -> impl std::future::Future<Output = std::io::Result<supervise::Finished>> + Send + '_ {
         read_ring(
             &mut self.ring,
             &self.layouts,
@@ -153,13 +157,7 @@ impl EbpfSource {
                 "this binary was built without its eBPF programs (AYA_BUILD_SKIP was set)"
             );
         }
-        if !config.ring_buffer_size.is_power_of_two() || config.ring_buffer_size < 4096 {
-            anyhow::bail!(
-                "ring buffer size {} is not a power of two of at least 4096 bytes",
-                config.ring_buffer_size
-            );
-        }
-        ensure_tracefs(&config.tracefs)?;
+        let tracefs = ensure_tracefs(&config.tracefs)?;
         raise_memlock_limit();
 
         // Formats first: they decide what can be attached and how records are decoded.
@@ -249,6 +247,7 @@ impl EbpfSource {
                 console_attached,
                 losses,
                 _ebpf: ebpf,
+                _tracefs: tracefs,
             },
             task,
         ))
@@ -308,7 +307,7 @@ async fn read_ring(
     devices: &mut SysfsDeviceNames,
     tx: &mpsc::Sender<KernelEvent>,
     stats: &SensorStats,
-) -> std::io::Result<()> {
+) -> std::io::Result<supervise::Finished> {
     loop {
         let mut guard = ring.readable_mut().await?;
         loop {
@@ -322,7 +321,7 @@ async fn read_ring(
                 Ok(event) => {
                     stats.received[super::kind_index(&event)].fetch_add(1, Ordering::Relaxed);
                     if tx.send(event).await.is_err() {
-                        return Ok(());
+                        return Ok(supervise::Finished::ConsumerGone);
                     }
                 }
                 Err(err) => {
@@ -351,10 +350,49 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
-/// Mounts tracefs at `dir` unless it is there already.
-fn ensure_tracefs(dir: &Path) -> anyhow::Result<()> {
+/// The standard place of tracefs, where npd may mount it.
+pub const STANDARD_TRACEFS: &str = "/sys/kernel/tracing";
+
+/// A tracefs npd mounted itself: unmounted when dropped (after the programs are detached).
+struct TracefsMount(std::ffi::CString);
+
+impl Drop for TracefsMount {
+    fn drop(&mut self) {
+        // SAFETY: a valid NUL-terminated path; MNT_DETACH never blocks on users of the mount.
+        let rc = unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        let dir = self.0.to_string_lossy();
+        if rc == 0 {
+            tracing::info!("unmounted the tracefs npd mounted at {dir}");
+        } else {
+            tracing::warn!(
+                "could not unmount the tracefs npd mounted at {dir}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Makes sure tracefs is at `dir`: uses it when `dir/events` is there, else mounts it, but only
+/// at the standard path or on an empty directory (never over a directory that holds something
+/// else). Returns the mount to undo when npd made it.
+fn ensure_tracefs(dir: &Path) -> anyhow::Result<Option<TracefsMount>> {
     if dir.join("events").is_dir() {
-        return Ok(());
+        return Ok(None);
+    }
+    if dir != Path::new(STANDARD_TRACEFS) {
+        let mut entries = std::fs::read_dir(dir).map_err(|e| {
+            anyhow::anyhow!(
+                "--tracefs {}: not tracefs, and not a directory npd can mount it on: {e}",
+                dir.display()
+            )
+        })?;
+        if entries.next().is_some() {
+            anyhow::bail!(
+                "--tracefs {}: not tracefs (no events/ in it) and not empty; npd mounts tracefs \
+                 only at {STANDARD_TRACEFS} or on an empty directory",
+                dir.display()
+            );
+        }
     }
     let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
     // SAFETY: valid NUL-terminated strings; no data argument.
@@ -380,8 +418,8 @@ fn ensure_tracefs(dir: &Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    tracing::info!("mounted tracefs at {}", dir.display());
-    Ok(())
+    tracing::info!("mounted tracefs at {} (unmounted at exit)", dir.display());
+    Ok(Some(TracefsMount(target)))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (harmless on newer ones).

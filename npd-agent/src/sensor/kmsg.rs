@@ -4,6 +4,11 @@
 //! The reader never stops and never silently reopens. When the kernel's log buffer wraps
 //! before we read, `read` fails with EPIPE and the next read returns the oldest record still
 //! there; the gap in sequence numbers is exactly how many records we lost, and is counted.
+//!
+//! `--kmsg-path` may also name a file or a pipe holding records, one per line (what
+//! `cat /dev/kmsg` writes): they are read from the start, and the end of the input ends the
+//! reader, which says so. A `read` of 0 bytes from the device is the end of input too, never a
+//! record.
 
 use std::{
     ffi::CString,
@@ -15,7 +20,7 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use super::SensorStats;
+use super::{SensorStats, supervise::Finished};
 use crate::event::{KernelEvent, LogMessage};
 
 /// One `/dev/kmsg` record: `PRI,SEQ,USEC,FLAGS[,...];TEXT` plus optional ` KEY=VALUE` lines.
@@ -94,20 +99,44 @@ impl SequenceTracker {
     }
 }
 
-/// Reads `/dev/kmsg` and sends each new record as a [`KernelEvent::Log`].
+/// Reads `/dev/kmsg` (or records from a file or pipe) and sends each new record as a
+/// [`KernelEvent::Log`].
 pub struct KmsgReader {
-    fd: AsyncFd<OwnedFd>,
+    input: Input,
     seq: SequenceTracker,
     buf: Vec<u8>,
+}
+
+/// Where records come from.
+enum Input {
+    /// The kernel's log device: one record per `read`.
+    Device(AsyncFd<OwnedFd>),
+    /// A file or a pipe: one record per line, `/dev/kmsg` dictionary lines (` KEY=VALUE`)
+    /// skipped. `None` once its end was reached.
+    Lines(Option<tokio::io::BufReader<tokio::fs::File>>),
 }
 
 /// Room for the largest record (the kernel's limit is about 8 KiB with dictionary).
 const READ_BUF: usize = 16 * 1024;
 
 impl KmsgReader {
-    /// Opens the device and skips the backlog already in the kernel's buffer (reading it only
-    /// to learn the current sequence number, so that a loss right at start is counted too).
+    /// Opens the input. The kernel's device: skips the backlog already in the kernel's buffer
+    /// (reading it only to learn the current sequence number, so that a loss right at start is
+    /// counted too). A file or a pipe: read from its start.
     pub fn open(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt as _;
+        let device = std::fs::metadata(path)?.file_type().is_char_device();
+        if !device {
+            let file = std::fs::File::open(path)?;
+            return Ok(Self {
+                input: Input::Lines(Some(tokio::io::BufReader::with_capacity(
+                    READ_BUF,
+                    tokio::fs::File::from_std(file),
+                ))),
+                seq: SequenceTracker::default(),
+                buf: Vec::with_capacity(READ_BUF),
+            });
+        }
         let cpath = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
         // SAFETY: a valid C string; the returned fd is owned below.
@@ -122,72 +151,123 @@ impl KmsgReader {
         }
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut reader = Self {
-            fd: super::register_readable(fd)?,
-            seq: SequenceTracker::default(),
-            buf: vec![0; READ_BUF],
-        };
+        let fd = super::register_readable(fd)?;
+        let mut seq = SequenceTracker::default();
+        let mut buf = vec![0; READ_BUF];
         loop {
-            match reader.read_one() {
-                Ok(Some(n)) => {
-                    if let Some(rec) = parse_record(&reader.buf[..n]) {
-                        reader.seq.observe(rec.seq);
+            match read_record(fd.as_raw_fd(), &mut buf) {
+                Ok(Read::Record(n)) => {
+                    if let Some(rec) = parse_record(&buf[..n]) {
+                        seq.observe(rec.seq);
                     }
                 }
-                Ok(None) => break,
+                Ok(Read::Nothing | Read::End) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
                 Err(e) => return Err(e),
             }
         }
-        Ok(reader)
+        Ok(Self {
+            input: Input::Device(fd),
+            seq,
+            buf,
+        })
     }
 
-    /// One non-blocking read: `Ok(Some(len))`, `Ok(None)` when nothing is pending.
-    fn read_one(&mut self) -> io::Result<Option<usize>> {
-        read_record(self.fd.as_raw_fd(), &mut self.buf)
-    }
-
-    /// Reads until the receiver goes away. Returns an error only when the device itself fails;
-    /// the reader can then be run again.
-    pub async fn run(
+    /// Reads until the receiver goes away or the input ends. Returns an error only when the
+    /// input itself fails; the reader can then be run again.
+    pub(crate) async fn run(
         &mut self,
         tx: &mpsc::Sender<KernelEvent>,
         stats: &SensorStats,
-    ) -> io::Result<()> {
+    ) -> io::Result<Finished> {
+        match &mut self.input {
+            Input::Device(fd) => read_device(fd, &mut self.buf, &mut self.seq, tx, stats).await,
+            Input::Lines(lines) => read_lines(lines, &mut self.buf, &mut self.seq, tx, stats).await,
+        }
+    }
+}
+
+/// Counts a record and hands it over; false when the consumer is gone.
+async fn deliver(
+    rec: KmsgRecord,
+    seq: &mut SequenceTracker,
+    tx: &mpsc::Sender<KernelEvent>,
+    stats: &SensorStats,
+) -> bool {
+    let lost = seq.observe(rec.seq);
+    if lost > 0 {
+        stats.kmsg_lost.fetch_add(lost, Ordering::Relaxed);
+    }
+    stats.received[0].fetch_add(1, Ordering::Relaxed);
+    let event = KernelEvent::Log(LogMessage {
+        message: rec.text,
+        truncated_from: None,
+        seq: Some(rec.seq),
+    });
+    tx.send(event).await.is_ok()
+}
+
+async fn read_device(
+    fd: &mut AsyncFd<OwnedFd>,
+    buf: &mut [u8],
+    seq: &mut SequenceTracker,
+    tx: &mpsc::Sender<KernelEvent>,
+    stats: &SensorStats,
+) -> io::Result<Finished> {
+    loop {
+        let mut guard = fd.readable().await?;
         loop {
-            let mut guard = self.fd.readable().await?;
-            loop {
-                match read_record(guard.get_inner().as_raw_fd(), &mut self.buf) {
-                    Ok(Some(n)) => {
-                        let Some(rec) = parse_record(&self.buf[..n]) else {
-                            stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        };
-                        let lost = self.seq.observe(rec.seq);
-                        if lost > 0 {
-                            stats.kmsg_lost.fetch_add(lost, Ordering::Relaxed);
-                        }
-                        stats.received[0].fetch_add(1, Ordering::Relaxed);
-                        let event = KernelEvent::Log(LogMessage {
-                            message: rec.text,
-                            truncated_from: None,
-                            seq: Some(rec.seq),
-                        });
-                        if tx.send(event).await.is_err() {
-                            return Ok(());
-                        }
+            match read_record(guard.get_inner().as_raw_fd(), buf) {
+                Ok(Read::Record(n)) => {
+                    let Some(rec) = parse_record(&buf[..n]) else {
+                        stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    if !deliver(rec, seq, tx, stats).await {
+                        return Ok(Finished::ConsumerGone);
                     }
-                    Ok(None) => {
-                        guard.clear_ready();
-                        break;
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
-                        // The buffer wrapped under us; the sequence gap counts what was lost.
-                        stats.kmsg_overruns.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => return Err(e),
                 }
+                Ok(Read::Nothing) => {
+                    guard.clear_ready();
+                    break;
+                }
+                Ok(Read::End) => return Ok(Finished::EndOfInput),
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    // The buffer wrapped under us; the sequence gap counts what was lost.
+                    stats.kmsg_overruns.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+async fn read_lines(
+    lines: &mut Option<tokio::io::BufReader<tokio::fs::File>>,
+    buf: &mut Vec<u8>,
+    seq: &mut SequenceTracker,
+    tx: &mpsc::Sender<KernelEvent>,
+    stats: &SensorStats,
+) -> io::Result<Finished> {
+    use tokio::io::AsyncBufReadExt as _;
+    let Some(input) = lines else {
+        return Ok(Finished::EndOfInput);
+    };
+    loop {
+        buf.clear();
+        if input.read_until(b'\n', buf).await? == 0 {
+            *lines = None;
+            return Ok(Finished::EndOfInput);
+        }
+        if buf.first() == Some(&b' ') || buf.iter().all(u8::is_ascii_whitespace) {
+            continue; // a dictionary line of the record before, or an empty line
+        }
+        let Some(rec) = parse_record(buf) else {
+            stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        if !deliver(rec, seq, tx, stats).await {
+            return Ok(Finished::ConsumerGone);
         }
     }
 }
@@ -200,24 +280,37 @@ pub(crate) struct KmsgTask {
 }
 
 impl super::supervise::Reader for KmsgTask {
-    fn run(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
+    fn run(&mut self) -> impl std::future::Future<Output = io::Result<Finished>> + Send + '_ {
         self.reader.run(&self.tx, &self.stats)
     }
 }
 
-/// One non-blocking read of a record into `buf`: `Ok(Some(len))`, `Ok(None)` when nothing is
-/// pending.
-fn read_record(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+/// What one read of the device gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// A record of this many bytes.
+    Record(usize),
+    /// Nothing pending now.
+    Nothing,
+    /// End of input (`read` returned 0): no record will ever come.
+    End,
+}
+
+/// One non-blocking read of a record into `buf`.
+fn read_record(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<Read> {
     loop {
         // SAFETY: reading into a buffer we own, of the given length.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(Some(n as usize));
+        if n > 0 {
+            return Ok(Read::Record(n as usize));
+        }
+        if n == 0 {
+            return Ok(Read::End);
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => return Ok(None),
+            Some(libc::EAGAIN) => return Ok(Read::Nothing),
             _ => return Err(err),
         }
     }
@@ -249,6 +342,47 @@ mod tests {
         assert_eq!(rec.text, "a\\b\nc\u{fffd}d\\xZZ");
         assert_eq!(parse_record(b"no record here"), None);
         assert_eq!(parse_record(b"x,1,2,-;text"), None);
+    }
+
+    /// A file of records is read from its start, to its end, which ends the reader (it never
+    /// spins on a `read` of 0 bytes). Dictionary lines and a line that is no record are
+    /// skipped, the latter counted.
+    #[tokio::test]
+    async fn records_from_a_file_end_with_the_file() {
+        let path = std::env::temp_dir().join(format!("npd-kmsg-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "6,10,1,-;first\n SUBSYSTEM=block\n\nnot a record\n6,13,2,-;second",
+        )
+        .unwrap();
+        let mut reader = KmsgReader::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let stats = SensorStats::default();
+        assert_eq!(reader.run(&tx, &stats).await.unwrap(), Finished::EndOfInput);
+        // Run again (as the supervisor would): still the end.
+        assert_eq!(reader.run(&tx, &stats).await.unwrap(), Finished::EndOfInput);
+        let mut texts = Vec::new();
+        while let Ok(KernelEvent::Log(m)) = rx.try_recv() {
+            texts.push(m.message);
+        }
+        assert_eq!(texts, ["first", "second"]);
+        assert_eq!(stats.decode_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.kmsg_lost.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn zero_bytes_read_is_the_end() {
+        let (r, w) = {
+            let mut fds = [0; 2];
+            // SAFETY: a plain syscall filling two descriptors we then own.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            // SAFETY: fresh descriptors nobody else owns.
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        };
+        drop(w);
+        let mut buf = [0u8; 16];
+        assert_eq!(read_record(r.as_raw_fd(), &mut buf).unwrap(), Read::End);
     }
 
     #[test]

@@ -81,6 +81,9 @@ impl SensorConfig {
 /// Why the sensor could not start.
 #[derive(Debug, Error)]
 pub enum SensorError {
+    /// The configuration asks for something impossible: an error whatever the source.
+    #[error("invalid sensor configuration: {0}")]
+    Config(String),
     /// eBPF was required and cannot be used.
     #[error("eBPF source unavailable: {0}")]
     Ebpf(String),
@@ -154,9 +157,20 @@ pub struct SensorStats {
     pub reader_error: Mutex<Option<String>>,
     /// Times a failed reader was restarted.
     pub reader_restarts: AtomicU64,
+    /// True once a reader's input ended (a file or a pipe given as `--kmsg-path`).
+    pub input_ended: AtomicBool,
 }
 
 impl SensorStats {
+    pub(crate) fn reader_ended(&self, what: &str) {
+        tracing::warn!("{what} reader: end of input; no more kernel messages will come from it");
+        self.input_ended.store(true, Ordering::SeqCst);
+        self.reading.store(false, Ordering::SeqCst);
+        if let Ok(mut slot) = self.reader_error.lock() {
+            *slot = Some(format!("{what} reader: end of input"));
+        }
+    }
+
     pub(crate) fn reader_failed(&self, what: &str, err: impl std::fmt::Display) {
         tracing::error!("{what} reader stopped: {err}");
         self.reading.store(false, Ordering::SeqCst);
@@ -206,6 +220,13 @@ pub struct Sensor {
 impl Sensor {
     /// Starts the sensor. Must be called within a tokio runtime.
     pub fn start(config: &SensorConfig) -> Result<Sensor, SensorError> {
+        // A bad size is the caller's mistake, not a reason to fall back to /dev/kmsg.
+        let size = config.ring_buffer_size;
+        if !size.is_power_of_two() || size < 4096 {
+            return Err(SensorError::Config(format!(
+                "ring buffer size {size} is not a power of two of at least 4096 bytes"
+            )));
+        }
         let (tx, events) = mpsc::channel(config.channel_capacity);
         let stats = Arc::new(SensorStats::default());
         stats.reading.store(true, Ordering::SeqCst);

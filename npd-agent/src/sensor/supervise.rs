@@ -20,11 +20,21 @@ use tokio::{sync::Notify, task::JoinHandle};
 
 use super::SensorStats;
 
-/// A reader that runs until its receiver goes away (`Ok`) or it fails (`Err`). It is restarted
-/// on the same value after a failure, so it must keep its descriptor usable.
+/// Why a reader returned without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// The consumer is gone: the sensor is shutting down.
+    ConsumerGone,
+    /// The input ended (a file or a pipe, not the kernel's device): nothing more will come.
+    EndOfInput,
+}
+
+/// A reader that runs until its receiver goes away or its input ends (`Ok`), or it fails
+/// (`Err`). It is restarted on the same value after a failure, so it must keep its descriptor
+/// usable.
 pub(crate) trait Reader: Send + 'static {
-    /// Reads until the consumer is gone or an error occurs.
-    fn run(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_;
+    /// Reads until the consumer is gone, the input ends, or an error occurs.
+    fn run(&mut self) -> impl Future<Output = io::Result<Finished>> + Send + '_;
 }
 
 /// First delay before a restart; doubled after each failure up to [`MAX_BACKOFF`].
@@ -84,7 +94,13 @@ pub(crate) fn spawn<R: Reader>(
             let started = Instant::now();
             let why = tokio::select! {
                 outcome = &mut task.0 => match outcome {
-                    Ok(Ok(())) => return, // the consumer is gone: nothing left to do
+                    // The consumer is gone: nothing left to do.
+                    Ok(Ok(Finished::ConsumerGone)) => return,
+                    // Nothing more will come (a file or a pipe): said once, not restarted.
+                    Ok(Ok(Finished::EndOfInput)) => {
+                        stats.reader_ended(what);
+                        return;
+                    }
                     Ok(Err(err)) => err.to_string(),
                     Err(err) if err.is_panic() => "panicked".to_string(),
                     Err(_) => "cancelled".to_string(),
@@ -125,13 +141,13 @@ mod tests {
     }
 
     impl Reader for Flaky {
-        async fn run(&mut self) -> io::Result<()> {
+        async fn run(&mut self) -> io::Result<Finished> {
             let n = self.runs.fetch_add(1, Ordering::SeqCst);
             if n < self.failures {
                 return Err(io::Error::other(format!("failure {n}")));
             }
             self.stop.notified().await;
-            Ok(())
+            Ok(Finished::ConsumerGone)
         }
     }
 
