@@ -112,6 +112,28 @@ impl ConditionManager {
         Some(s.change())
     }
 
+    /// Takes over a condition's state found on the Node at start (an agent restart must not
+    /// flip it): the condition now has that state, and a True one recovers `recover_after`
+    /// from `now` when given, as if its rule had just fired. Returns the state when npd owns
+    /// the type and it differs from what npd had.
+    pub fn adopt(
+        &mut self,
+        found: &Condition,
+        now: SystemTime,
+        recover_after: Option<Duration>,
+    ) -> Option<ConditionChange> {
+        let s = &mut self.conditions[*self.by_type.get(&found.type_)?];
+        s.recover = match found.status {
+            ConditionStatus::True => recover_after.map(|after| (now, after)),
+            _ => None,
+        };
+        if s.current == *found {
+            return None;
+        }
+        s.current = found.clone();
+        Some(s.change())
+    }
+
     /// The earliest pending recovery.
     pub fn next_deadline(&self) -> Option<SystemTime> {
         self.conditions.iter().filter_map(State::recover_at).min()
@@ -204,6 +226,51 @@ mod tests {
         assert_eq!(m.next_deadline(), None);
         assert!(m.expire(t(1_000_000)).is_empty());
         assert!(m.set_true("Undeclared", "r", "m", t(1), None).is_none());
+    }
+
+    #[test]
+    fn adopted_true_conditions_recover_from_adoption() {
+        let mut m = manager();
+        let on_node = Condition {
+            type_: "KernelDeadlock".into(),
+            status: ConditionStatus::True,
+            reason: "DockerHung".into(),
+            message: "task docker:1 blocked".into(),
+            transition_time: t(5),
+        };
+        let change = m
+            .adopt(&on_node, t(100), Some(Duration::from_secs(60)))
+            .unwrap();
+        assert_eq!(change.condition, on_node);
+        // The same rule firing again is no change: the Node already says so.
+        assert!(
+            m.set_true(
+                "KernelDeadlock",
+                "DockerHung",
+                "again",
+                t(110),
+                Some(Duration::from_secs(60))
+            )
+            .is_none()
+        );
+        assert_eq!(m.next_deadline(), Some(t(170)));
+        let back = m.expire(t(170));
+        assert_eq!(back[0].condition.status, ConditionStatus::False);
+        // Undeclared types are not adopted; adopting the current state changes nothing.
+        assert!(
+            m.adopt(
+                &Condition {
+                    type_: "Ready".into(),
+                    ..on_node.clone()
+                },
+                t(1),
+                None
+            )
+            .is_none()
+        );
+        let current = m.get("KernelDeadlock").unwrap().clone();
+        assert!(m.adopt(&current, t(200), None).is_none());
+        assert_eq!(m.next_deadline(), None);
     }
 
     #[test]

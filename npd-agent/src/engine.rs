@@ -21,11 +21,11 @@ use crate::{
     conditions::ConditionManager,
     dedup::{ReportedFaults, Seen},
     event::KernelEvent,
-    problem::{ConditionChange, ProblemEvent, Report, Severity},
+    problem::{Condition, ConditionChange, ProblemEvent, Report, Severity},
     rules::{
         Effect, Matcher, Rule, RuleSet,
         pattern::build_set,
-        structured::{self, DedupWindow, EventKind, FaultKey},
+        structured::{self, BlockAt, DedupWindow, EventKind, FaultKey, disk_of},
     },
 };
 
@@ -88,6 +88,7 @@ pub struct Engine {
     conditions: ConditionManager,
     rates: Vec<VecDeque<SystemTime>>,
     reported: ReportedFaults<(String, FaultKey), Origin>,
+    requests: FailedRequests,
     stats: EngineStats,
 }
 
@@ -170,6 +171,7 @@ impl Engine {
             conditions,
             rates,
             reported: ReportedFaults::default(),
+            requests: FailedRequests::default(),
             stats: EngineStats::default(),
         }
     }
@@ -179,6 +181,27 @@ impl Engine {
     pub fn initial_conditions(&mut self, now: SystemTime) -> Vec<ConditionChange> {
         self.conditions.set_initial_time(now);
         self.conditions.all()
+    }
+
+    /// Takes over the states of npd's conditions found on the Node (see
+    /// [`ConditionManager::adopt`]): a True condition recovers after its rule's `recoverAfter`
+    /// counted from `now` (the rule with the condition's reason; else the longest of the
+    /// condition's rules). Returns the states that changed npd's view.
+    pub fn adopt(&mut self, found: &[Condition], now: SystemTime) -> Vec<ConditionChange> {
+        let mut changes = Vec::new();
+        for c in found {
+            let rules = self.rules.iter().filter(|r| {
+                matches!(&r.rule.effect, Effect::Permanent { condition } if *condition == c.type_)
+            });
+            let (same_reason, others): (Vec<_>, Vec<_>) =
+                rules.partition(|r| r.rule.reason == c.reason);
+            let recover_after = same_reason
+                .iter()
+                .find_map(|r| r.rule.recover_after)
+                .or_else(|| others.iter().filter_map(|r| r.rule.recover_after).max());
+            changes.extend(self.conditions.adopt(c, now, recover_after));
+        }
+        changes
     }
 
     /// Every condition's current state.
@@ -288,7 +311,7 @@ impl Engine {
             if this_line.contains(&key) {
                 continue;
             }
-            let fault = FaultKey::of_message(&key.1);
+            let fault = FaultKey::of_message(&key.1).map(|f| self.requests.correlate(f, now));
             let message = key.1.clone();
             this_line.push(key);
             self.fire(
@@ -356,6 +379,11 @@ impl Engine {
         };
         self.stats.structured_events += 1;
         let fault = FaultKey::of_event(event);
+        if let (KernelEvent::BlockError(b), Some(FaultKey::BlockError { device, .. })) =
+            (event, &fault)
+        {
+            self.requests.note(device, b.sector, b.nr_sectors, now);
+        }
         for n in 0..self.structured[kind_index(kind)].len() {
             let i = self.structured[kind_index(kind)][n];
             let Matcher::Event {
@@ -482,6 +510,77 @@ impl Engine {
                 }
                 true
             }
+        }
+    }
+}
+
+/// Block requests that failed recently, by disk: the kernel's `Buffer I/O error on dev D,
+/// logical block B` lines about the buffers of a failed request are that request's fault, not
+/// new ones. Bounded: the newest [`FailedRequests::PER_DISK`] per disk, forgotten after the
+/// block-error de-duplication window.
+#[derive(Debug, Default)]
+struct FailedRequests {
+    by_disk: std::collections::HashMap<String, VecDeque<(SystemTime, u64, u32)>>,
+}
+
+impl FailedRequests {
+    const PER_DISK: usize = 64;
+    /// At most this many disks are remembered.
+    const DISKS: usize = 256;
+
+    fn window() -> std::time::Duration {
+        EventKind::BlockError.default_dedup().window
+    }
+
+    fn note(&mut self, disk: &str, sector: u64, nr_sectors: u32, now: SystemTime) {
+        if !self.by_disk.contains_key(disk) && self.by_disk.len() >= Self::DISKS {
+            self.by_disk.retain(|_, r| {
+                r.back()
+                    .is_some_and(|&(t, ..)| elapsed(t, now) < Self::window())
+            });
+            if self.by_disk.len() >= Self::DISKS {
+                return;
+            }
+        }
+        let recent = self.by_disk.entry(disk.to_owned()).or_default();
+        if recent.len() == Self::PER_DISK {
+            recent.pop_front();
+        }
+        recent.push_back((now, sector, nr_sectors.max(1)));
+    }
+
+    /// The fault of a failed request the logical block falls in, for a whole-disk device (for
+    /// a partition the block's disk sector depends on where the partition starts, which the
+    /// line does not say): a block of 512 to 64 KiB bytes whose first sector is in the request.
+    /// Any other fault is returned unchanged.
+    fn correlate(&self, fault: FaultKey, now: SystemTime) -> FaultKey {
+        let FaultKey::BlockError {
+            device,
+            at: BlockAt::LogicalBlock(block),
+        } = &fault
+        else {
+            return fault;
+        };
+        if disk_of(device) != *device {
+            return fault;
+        }
+        let Some(recent) = self.by_disk.get(device) else {
+            return fault;
+        };
+        let hit = recent.iter().rev().find(|&&(t, start, len)| {
+            elapsed(t, now) < Self::window()
+                && (0..8).any(|shift| {
+                    block
+                        .checked_mul(1 << shift)
+                        .is_some_and(|s| s >= start && s - start < u64::from(len))
+                })
+        });
+        match hit {
+            Some(&(_, start, _)) => FaultKey::BlockError {
+                device: device.clone(),
+                at: BlockAt::Sector(start),
+            },
+            None => fault,
         }
     }
 }

@@ -32,7 +32,7 @@ use prometheus::{
 
 use crate::{
     exporter::k8s::{ApiCall, K8sStats, LATENCY_BUCKETS},
-    problem::{ConditionStatus, Report},
+    problem::{Condition, ConditionStatus, Report},
     sensor::{ActiveSource, EVENT_KINDS, SensorProbe},
 };
 
@@ -153,21 +153,28 @@ impl Metrics {
                 self.problem_counter
                     .with_label_values(&[c.reason.as_str()])
                     .inc();
-                let mut last = self.gauge_reason.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(previous) = last.get(&c.type_)
-                    && *previous != c.reason
-                {
-                    self.problem_gauge
-                        .with_label_values(&[c.type_.as_str(), previous.as_str()])
-                        .set(0);
-                }
-                let value = i64::from(c.status == ConditionStatus::True);
-                self.problem_gauge
-                    .with_label_values(&[c.type_.as_str(), c.reason.as_str()])
-                    .set(value);
-                last.insert(c.type_.clone(), c.reason.clone());
+                self.observe_condition(c);
             }
         }
+    }
+
+    /// Sets `problem_gauge{type,reason}` to a condition's state (1 while True with that
+    /// reason; the reason it had before drops to 0), without counting a problem: for states
+    /// taken over from the Node at start.
+    pub fn observe_condition(&self, c: &Condition) {
+        let mut last = self.gauge_reason.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(previous) = last.get(&c.type_)
+            && *previous != c.reason
+        {
+            self.problem_gauge
+                .with_label_values(&[c.type_.as_str(), previous.as_str()])
+                .set(0);
+        }
+        let value = i64::from(c.status == ConditionStatus::True);
+        self.problem_gauge
+            .with_label_values(&[c.type_.as_str(), c.reason.as_str()])
+            .set(value);
+        last.insert(c.type_.clone(), c.reason.clone());
     }
 
     /// Reads the sensor's counters at every scrape from now on.
@@ -577,7 +584,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::problem::{Condition, ConditionChange, ProblemEvent, Severity};
+    use crate::problem::{ConditionChange, ProblemEvent, Severity};
 
     fn event(reason: &str) -> Report {
         Report::Event(ProblemEvent {

@@ -2,8 +2,10 @@
 //!
 //! Times come from places npd does not control: rule files (windows), the Node object
 //! (condition timestamps anyone with `nodes/status patch` can set) and replayed logs (times
-//! since boot). Every sum saturates, and every time written out is clamped to what RFC 3339
-//! and Kubernetes can represent: from the Unix epoch to the end of year 9999.
+//! since boot). Every sum saturates, and every time written out is clamped to what every
+//! Kubernetes client can read back: from the Unix epoch to 9999-12-30T22:00:00Z. (RFC 3339
+//! goes to the end of year 9999, but jiff, which k8s-openapi uses, stops 26 hours earlier: a
+//! later time on a Node makes every Rust client fail to read that Node.)
 
 use std::time::{Duration, SystemTime};
 
@@ -11,8 +13,9 @@ use std::time::{Duration, SystemTime};
 /// year. Longer ones are configuration errors.
 pub const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// 9999-12-31T23:59:59Z, the last second RFC 3339 (and Kubernetes) can write.
-pub const LATEST_SECS: u64 = 253_402_300_799;
+/// 9999-12-30T22:00:00Z, the latest time npd writes: the last one jiff (k8s-openapi's time
+/// type) reads.
+pub const LATEST_SECS: u64 = 253_402_207_200;
 
 /// The latest time npd ever computes or writes.
 pub fn latest() -> SystemTime {
@@ -74,9 +77,15 @@ mod tests {
         let before_1970 = SystemTime::UNIX_EPOCH - Duration::from_secs(3600);
         assert_eq!(rfc3339(before_1970), "1970-01-01T00:00:00Z");
         assert_eq!(clamp(before_1970), (SystemTime::UNIX_EPOCH, true));
-        let year_10000 = SystemTime::UNIX_EPOCH + Duration::from_secs(LATEST_SECS + 86400);
-        assert_eq!(rfc3339(year_10000), "9999-12-31T23:59:59Z");
-        assert_eq!(rfc3339(latest()), "9999-12-31T23:59:59Z");
+        let year_10000 = SystemTime::UNIX_EPOCH + Duration::from_secs(LATEST_SECS + 2 * 86400);
+        assert_eq!(rfc3339(year_10000), "9999-12-30T22:00:00Z");
+        assert_eq!(rfc3339(latest()), "9999-12-30T22:00:00Z");
+        // What npd writes, Kubernetes' Rust types read back.
+        assert!(
+            rfc3339(latest())
+                .parse::<k8s_openapi::jiff::Timestamp>()
+                .is_ok()
+        );
         let now = SystemTime::now();
         assert_eq!(clamp(now), (now, false));
     }

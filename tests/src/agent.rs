@@ -5,33 +5,52 @@ use std::{
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Mutex, OnceLock, mpsc},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-/// The agent binary: `$NPD_AGENT_BIN`, else the newest `npd-agent` in the workspace's target
-/// directory (`cargo xtask test` builds it first and sets the variable).
+/// The agent binary the tests run: `$NPD_AGENT_BIN` (`cargo xtask test` sets it to the binary
+/// it has just built), else the one `cargo build -p npd-agent --bins` builds now (once per test
+/// process). Never a binary found lying around: that could be a stale build.
 pub fn agent_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
     if let Some(path) = std::env::var_os("NPD_AGENT_BIN") {
         // Relative to the workspace root (tests and benches run in this crate's directory).
         return PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("..")
             .join(path);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    ["release", "debug"]
-        .iter()
-        .map(|profile| target.join(profile).join("npd-agent"))
-        .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok().map(|t| (t, p)))
-        .max()
-        .map(|(_, p)| p)
-        .unwrap_or_else(|| {
-            panic!("npd-agent not built: run `cargo xtask test` (or set NPD_AGENT_BIN)")
-        })
+    BUILT.get_or_init(build_agent).clone()
+}
+
+/// Builds the agent with cargo and returns the executable cargo reports.
+fn build_agent() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "--package",
+            "npd-agent",
+            "--bins",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo:?} build for npd-agent: {e}"));
+    assert!(
+        out.status.success(),
+        "building npd-agent failed ({}); run `cargo xtask test`, or set NPD_AGENT_BIN",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "npd-agent")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported no npd-agent executable")
 }
 
 /// A running agent. Dropping it kills the process.
@@ -61,19 +80,31 @@ impl Agent {
     /// Starts a prepared command (for extra environment) and waits for readiness. Unless the
     /// command chooses them, the health and metrics servers are disabled (`--port 0
     /// --prometheus-port 0`), so that agents never fight over the default ports.
+    ///
+    /// An agent never reaches a real cluster: unless the test gives it its own API server
+    /// (`--kubeconfig`), it runs with `--enable-k8s-exporter=false`, and the developer's
+    /// `KUBECONFIG` and an in-cluster environment are never passed on.
     pub fn start_with(cmd: &mut Command) -> Agent {
         let given: Vec<String> = cmd
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        for flag in ["--port", "--prometheus-port"] {
-            if !given
+        let has = |flag: &str| {
+            given
                 .iter()
                 .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
-            {
+        };
+        for flag in ["--port", "--prometheus-port"] {
+            if !has(flag) {
                 cmd.args([flag, "0"]);
             }
         }
+        if !has("--kubeconfig") && !has("--enable-k8s-exporter") {
+            cmd.arg("--enable-k8s-exporter=false");
+        }
+        cmd.env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT");
         // If the test process dies without unwinding (killed), the agent goes with it.
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {

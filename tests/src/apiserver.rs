@@ -5,8 +5,9 @@
 //! - [`ApiServer::start`] starts a private one, stopped when it is dropped (also when the test
 //!   panics); [`ApiServer::shared`] gives one per test binary, stopped when the process exits.
 //! - Both return `None` only when kube-apiserver cannot be built on this machine (no apt, or
-//!   neither root nor password-less sudo to install the build tools) and print why: the test
-//!   then returns early. Any other failure panics.
+//!   neither root nor password-less sudo to install the build tools), and only outside a
+//!   strict run (see [`crate::strict`]; in CI this fails the test): the test then returns
+//!   early, counted as skipped. Any other failure panics.
 //! - Helpers: an admin [`kube::Client`], Nodes with a kubelet-like `Ready` condition, `kubectl`,
 //!   the shipped RBAC (`deploy/kubernetes/rbac.yaml`) and a kubeconfig holding a token of its
 //!   service account minted with the TokenRequest API.
@@ -72,8 +73,11 @@ impl ApiServer {
     /// Starts a private API server, stopped when the value is dropped. `None` (with the reason
     /// printed) only when kube-apiserver cannot be built here.
     pub fn start(test: &str) -> Option<ApiServer> {
-        if let Some(reason) = cannot_build_reason() {
-            eprintln!("SKIPPED {test}: no Kubernetes API server: {reason}");
+        let available = match cannot_build_reason() {
+            Some(reason) => Err(format!("no Kubernetes API server: {reason}")),
+            None => Ok(()),
+        };
+        if !crate::prerequisite(test, available) {
             return None;
         }
         static N: AtomicU32 = AtomicU32::new(0);
@@ -123,9 +127,11 @@ impl ApiServer {
             assert_eq!(rc, 0, "atexit failed");
             Some(server)
         });
-        if server.is_none() {
-            eprintln!("SKIPPED {test}: no Kubernetes API server (see above)");
-        }
+        let available = match server {
+            Some(_) => Ok(()),
+            None => Err("no Kubernetes API server (see above)".into()),
+        };
+        crate::prerequisite(test, available);
         server.as_ref()
     }
 
@@ -263,6 +269,152 @@ impl ApiServer {
         );
         std::fs::write(&path, kubeconfig).expect("writing the service account kubeconfig");
         path
+    }
+}
+
+/// A validating admission webhook (`tests/k8s/webhook.py`) registered with an API server:
+/// the server rejects with 422 every nodes/status write with a condition of type `marker` and
+/// every Event with reason `marker`. Removed (and its process stopped) on drop.
+pub struct RejectingWebhook {
+    kubeconfig: PathBuf,
+    child: std::process::Child,
+}
+
+/// The name of the webhook configuration [`RejectingWebhook`] registers.
+const WEBHOOK: &str = "npd-test-reject";
+
+impl ApiServer {
+    /// Registers a [`RejectingWebhook`] for `marker` and waits until the server applies it.
+    pub async fn reject_with_422(&self, marker: &str) -> RejectingWebhook {
+        let dir = &self.dir;
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("running openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        std::fs::write(dir.join("webhook.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "webhook.key",
+            "-subj",
+            "/CN=npd-test-webhook",
+            "-out",
+            "webhook.csr",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "webhook.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "webhook.ext",
+            "-out",
+            "webhook.crt",
+        ]);
+        let port_file = dir.join("webhook.port");
+        let _ = std::fs::remove_file(&port_file);
+        let child = Command::new("python3")
+            .arg(repo_root().join("tests/k8s/webhook.py"))
+            .args(["webhook.crt", "webhook.key", marker])
+            .arg(&port_file)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting tests/k8s/webhook.py (python3)");
+        let guard = RejectingWebhook {
+            kubeconfig: self.kubeconfig.clone(),
+            child,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let port = loop {
+            if let Ok(p) = std::fs::read_to_string(&port_file) {
+                break p.trim().to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the webhook did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let ca = Command::new("openssl")
+            .args(["base64", "-A", "-in"])
+            .arg(&self.ca_file)
+            .output()
+            .expect("openssl base64");
+        let ca = String::from_utf8_lossy(&ca.stdout).trim().to_owned();
+        let config = format!(
+            "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingWebhookConfiguration\n\
+             metadata: {{name: {WEBHOOK}}}\nwebhooks:\n- name: reject.npd.test\n  clientConfig:\n    \
+             url: https://127.0.0.1:{port}/validate\n    caBundle: {ca}\n  rules:\n  - apiGroups: [\"\"]\n    \
+             apiVersions: [v1]\n    operations: [CREATE, UPDATE]\n    resources: [events, nodes/status]\n  \
+             admissionReviewVersions: [v1]\n  sideEffects: None\n  failurePolicy: Fail\n  timeoutSeconds: 5\n"
+        );
+        let file = dir.join("webhook.yaml");
+        std::fs::write(&file, config).unwrap();
+        let out = self.kubectl(&["apply", "-f", file.to_str().expect("UTF-8 path")]);
+        assert!(
+            out.status.success(),
+            "registering the webhook: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Applied once an Event with the marker is refused.
+        let events: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.admin_client().await, "default");
+        for i in 0.. {
+            let probe: k8s_openapi::api::core::v1::Event =
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("npd-webhook-probe-{i}")},
+                    "involvedObject": {"kind": "Node", "name": "probe"},
+                    "reason": marker,
+                }))
+                .unwrap();
+            match events.create(&PostParams::default(), &probe).await {
+                Err(kube::Error::Api(s)) if s.code == 422 => break,
+                _ => {}
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the webhook is not applied"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        guard
+    }
+}
+
+impl Drop for RejectingWebhook {
+    fn drop(&mut self) {
+        let _ = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args([
+                "delete",
+                "validatingwebhookconfiguration",
+                WEBHOOK,
+                "--ignore-not-found",
+            ])
+            .output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -24,16 +24,54 @@ pub fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// True when running as root; otherwise prints why the test is skipped.
+/// Whether a missing prerequisite fails the test instead of skipping it: in CI (`CI=true`,
+/// which `.ci/run` sets) and with `NPD_TEST_STRICT=1`.
+pub fn strict() -> bool {
+    let set = |name: &str, yes: &[&str]| {
+        std::env::var(name).is_ok_and(|v| yes.contains(&v.trim().to_ascii_lowercase().as_str()))
+    };
+    set("CI", &["true", "1", "yes"]) || set("NPD_TEST_STRICT", &["1", "true", "yes"])
+}
+
+/// Checks a prerequisite of `test`: true when it is there. When it is not, a strict run (see
+/// [`strict`]) fails the test with the reason; otherwise the test is skipped: the reason is
+/// printed, and the test's name is appended to the file `NPD_SKIP_LOG` names (which
+/// `cargo xtask test` counts in its summary line), and false is returned.
+pub fn prerequisite(test: &str, available: Result<(), String>) -> bool {
+    let Err(reason) = available else {
+        return true;
+    };
+    if strict() {
+        panic!(
+            "{test}: missing prerequisite: {reason} (CI=true or NPD_TEST_STRICT=1: not skipped)"
+        );
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("NPD_SKIP_LOG") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+    false
+}
+
+/// True when running as root; otherwise the test is skipped (or, in a strict run, fails).
 pub fn have_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!(
-            "SKIPPED {test}: needs root (run `cargo xtask test`, which uses sudo when needed)"
-        );
-    }
-    root
+    prerequisite(
+        test,
+        if root {
+            Ok(())
+        } else {
+            Err("needs root (run `cargo xtask test`, which uses sudo when needed)".into())
+        },
+    )
 }
 
 /// A name unique to this process and call, for markers, cgroups and files.

@@ -17,13 +17,16 @@ use kube::{
     api::{ListParams, Patch, PatchParams, WatchEvent, WatchParams},
 };
 use npd_agent::{
-    exporter::k8s::{ApiCall, K8sConfig, K8sExporter, K8sHandle},
+    exporter::k8s::{ApiCall, K8sConfig, K8sExporter, K8sHandle, K8sStats},
     problem::{
         Condition, ConditionChange, ConditionStatus, ProblemEvent, Report, Severity,
         condition_change_message,
     },
 };
 use npd_tests::apiserver::{ApiServer, client_from_kubeconfig, node_condition, repo_root};
+
+/// The marker the test webhook rejects (`ApiServer::reject_with_422`).
+const REJECTED: &str = "NpdTestReject";
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const SOURCE: &str = "kernel-monitor";
@@ -279,11 +282,12 @@ async fn conditions_and_events_land_with_the_shipped_role() {
             "Node condition KernelDeadlock is now: True, reason: DockerHung, message: \"{DOCKER_HUNG}\""
         )
     );
-    let node_uid = created.metadata.uid.clone().unwrap();
+    // As kubelet and NPD reference the Node (uid = its name): what `kubectl describe node`
+    // lists.
     let involved = &event.involved_object;
     assert_eq!(involved.kind.as_deref(), Some("Node"));
     assert_eq!(involved.name.as_deref(), Some(name));
-    assert_eq!(involved.uid.as_deref(), Some(node_uid.as_str()));
+    assert_eq!(involved.uid.as_deref(), Some(name));
     assert_eq!(involved.api_version.as_deref(), Some("v1"));
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert_eq!(event.metadata.namespace.as_deref(), Some("default"));
@@ -301,9 +305,11 @@ async fn conditions_and_events_land_with_the_shipped_role() {
     .await;
     assert_eq!(event.message.as_deref(), Some(oops));
     assert_eq!(event.type_.as_deref(), Some("Warning"));
-    assert_eq!(
-        event.involved_object.uid.as_deref(),
-        Some(node_uid.as_str())
+    let described = server.kubectl(&["describe", "node", name]);
+    let described = String::from_utf8_lossy(&described.stdout);
+    assert!(
+        described.contains("KernelOops") && described.contains(oops),
+        "`kubectl describe node` does not list the Event:\n{described}"
     );
 
     // Repeats aggregate into one Event object with a count.
@@ -414,7 +420,25 @@ async fn a_restarted_exporter_adopts_a_true_condition() {
         .expect("watching the Node")
         .boxed();
 
-    let second = start_exporter(&kubeconfig, name).await;
+    let mut second = start_exporter(&kubeconfig, name).await;
+    // The engine is handed what was found, to take it over (its recovery starts now).
+    let mut adoptions = second.adoptions().expect("adoptions");
+    let adopted = tokio::time::timeout(DEADLINE, adoptions.recv())
+        .await
+        .expect("adoptions in time")
+        .expect("the found conditions");
+    let deadlock = adopted
+        .iter()
+        .find(|c| c.type_ == "KernelDeadlock")
+        .expect("KernelDeadlock adopted");
+    assert_eq!(
+        (
+            deadlock.status,
+            deadlock.reason.as_str(),
+            deadlock.message.as_str()
+        ),
+        (ConditionStatus::True, "DockerHung", DOCKER_HUNG)
+    );
     wait_for("the restarted exporter's first write", || async {
         (second.stats().call(ApiCall::PatchNodeStatus).ok >= 1).then_some(())
     })
@@ -578,7 +602,10 @@ async fn problems_before_the_api_server_answers_are_kept() {
         events(&admin, name, "DockerHung").await.into_iter().next()
     })
     .await;
-    assert_eq!(event.involved_object.uid, created.metadata.uid);
+    assert_eq!(
+        event.involved_object.uid.as_deref(),
+        created.metadata.name.as_deref()
+    );
     exporter.shutdown().await;
 }
 
@@ -663,4 +690,449 @@ fn configmap_carries_the_default_rule_files() {
             serde_json::from_str(&std::fs::read_to_string(config.join(f)).unwrap()).unwrap();
         assert_eq!(shipped, source, "{f} differs: run deploy/gen-configmap.sh");
     }
+}
+
+/// Polls the exporter's stats until `pred` holds.
+async fn wait_stats(
+    exporter: &K8sHandle,
+    what: &str,
+    pred: impl Fn(&K8sStats) -> bool,
+) -> K8sStats {
+    wait_for(what, || async {
+        let stats = exporter.stats();
+        pred(&stats).then_some(stats)
+    })
+    .await
+}
+
+/// Distinct faults of one reason (166 failed blocks, as in a flood) are one Event whose count
+/// is their number and whose message is the newest, as Kubernetes aggregates similar Events:
+/// none is dropped, and the API server sees a handful of writes, not 166.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_faults_of_one_reason_are_one_event_with_their_count() {
+    let Some(server) =
+        ApiServer::shared("distinct_faults_of_one_reason_are_one_event_with_their_count")
+    else {
+        return;
+    };
+    let name = "npd-io-errors";
+    server.create_node(name).await;
+    let admin = server.admin_client().await;
+    let exporter = start_exporter(&server.service_account_kubeconfig().await, name).await;
+    let message =
+        |n: u32| format!("Buffer I/O error on dev sdb, logical block {n}, async page read");
+    for n in 0..166 {
+        exporter.export(&problem("IOError", &message(n)));
+    }
+    let event = wait_for("one IOError Event with count 166", || async {
+        events(&admin, name, "IOError")
+            .await
+            .into_iter()
+            .find(|e| e.count == Some(166))
+    })
+    .await;
+    assert_eq!(events(&admin, name, "IOError").await.len(), 1);
+    assert_eq!(
+        event.message.as_deref(),
+        Some(format!("(combined from similar events): {}", message(165)).as_str())
+    );
+    let stats = exporter.shutdown().await;
+    let writes = stats.call(ApiCall::CreateEvent).ok + stats.call(ApiCall::PatchEvent).ok;
+    assert!(
+        writes <= 3,
+        "166 occurrences of one reason are folded into few writes, not {writes}: {stats:?}"
+    );
+    assert_eq!(
+        stats.events_created + stats.events_aggregated,
+        166,
+        "{stats:?}"
+    );
+}
+
+/// A condition the API server refuses (422, here from a validating webhook) is logged, counted
+/// and dropped; the other conditions are written all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_condition_is_dropped_and_the_others_land() {
+    let Some(server) = ApiServer::start("a_rejected_condition_is_dropped_and_the_others_land")
+    else {
+        return;
+    };
+    let name = "npd-rejected-condition";
+    server.create_node(name).await;
+    let _webhook = server.reject_with_422(REJECTED).await;
+    let nodes: Api<Node> = Api::all(server.admin_client().await);
+    let exporter = start_exporter(&server.service_account_kubeconfig().await, name).await;
+    wait_condition(
+        &nodes,
+        name,
+        "KernelDeadlock",
+        "False",
+        "KernelHasNoDeadlock",
+    )
+    .await;
+    // Two changes in one write: the server refuses the write, npd finds the refused one.
+    exporter.export(&change(
+        REJECTED,
+        ConditionStatus::True,
+        "Refused",
+        "refused",
+    ));
+    exporter.export(&docker_hung(DOCKER_HUNG));
+    wait_condition(&nodes, name, "KernelDeadlock", "True", "DockerHung").await;
+    let stats = wait_stats(&exporter, "the rejected write counted", |s| {
+        s.condition_writes_rejected == 1
+    })
+    .await;
+    assert!(fetch_condition(&nodes, name, REJECTED).await.is_none());
+    assert!(
+        stats.problem.is_none(),
+        "a rejected body is not a health problem: {stats:?}"
+    );
+    // Later changes still land.
+    exporter.export(&change(
+        "KernelDeadlock",
+        ConditionStatus::False,
+        "KernelHasNoDeadlock",
+        "kernel has no deadlock",
+    ));
+    wait_condition(
+        &nodes,
+        name,
+        "KernelDeadlock",
+        "False",
+        "KernelHasNoDeadlock",
+    )
+    .await;
+    let stats = exporter.shutdown().await;
+    assert_eq!(stats.condition_writes_rejected, 1, "{stats:?}");
+}
+
+/// An Event the API server refuses (422) is counted as rejected and never retried; the Events
+/// after it are posted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_event_is_counted_and_never_retried() {
+    let Some(server) = ApiServer::start("a_rejected_event_is_counted_and_never_retried") else {
+        return;
+    };
+    let name = "npd-rejected-event";
+    server.create_node(name).await;
+    let _webhook = server.reject_with_422(REJECTED).await;
+    let admin = server.admin_client().await;
+    let exporter = start_exporter(&server.service_account_kubeconfig().await, name).await;
+    exporter.export(&problem(REJECTED, "refused"));
+    exporter.export(&problem("KernelOops", "BUG: after the refused one"));
+    wait_for("the KernelOops Event", || async {
+        events(&admin, name, "KernelOops").await.into_iter().next()
+    })
+    .await;
+    let stats = wait_stats(&exporter, "the rejected Event counted", |s| {
+        s.events_dropped_rejected == 1
+    })
+    .await;
+    // Given time to retry, it does not: one create of the refused Event, one of the other.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats_later = exporter.shutdown().await;
+    assert_eq!(
+        stats_later.call(ApiCall::CreateEvent).failed,
+        1,
+        "{stats:?} then {stats_later:?}"
+    );
+    assert_eq!(stats_later.events_dropped_rejected, 1);
+}
+
+/// A create whose name exists (409: an earlier attempt landed though its answer was lost)
+/// updates that Event instead of making another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_exists_is_updated() {
+    let Some(server) = ApiServer::shared("an_event_that_exists_is_updated") else {
+        return;
+    };
+    let name = "npd-event-exists";
+    server.create_node(name).await;
+    let admin = server.admin_client().await;
+    // Events are named `<node>.<hex nanoseconds of the first occurrence>`.
+    let first = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let event_name = format!(
+        "{name}.{:x}",
+        first
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let api: Api<Event> = Api::namespaced(admin.clone(), "default");
+    let existing: Event = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": event_name, "namespace": "default"},
+        "involvedObject": {"kind": "Node", "name": name, "uid": name, "apiVersion": "v1"},
+        "reason": "KernelOops", "message": "created by an earlier attempt", "type": "Warning",
+        "source": {"component": SOURCE, "host": name}, "count": 1,
+    }))
+    .unwrap();
+    api.create(&Default::default(), &existing).await.unwrap();
+    let exporter = start_exporter(&server.service_account_kubeconfig().await, name).await;
+    let Report::Event(mut oops) = problem("KernelOops", "BUG: the real message") else {
+        unreachable!()
+    };
+    oops.timestamp = first;
+    exporter.export(&Report::Event(oops));
+    let updated = wait_for("the existing Event updated", || async {
+        api.get(&event_name)
+            .await
+            .ok()
+            .filter(|e| e.message.as_deref() == Some("BUG: the real message"))
+    })
+    .await;
+    assert_eq!(updated.count, Some(1));
+    assert_eq!(
+        events(&admin, name, "KernelOops").await.len(),
+        1,
+        "no second Event"
+    );
+    let stats = exporter.shutdown().await;
+    assert_eq!(stats.call(ApiCall::CreateEvent).failed, 1, "{stats:?}");
+    assert_eq!(stats.call(ApiCall::PatchEvent).ok, 1, "{stats:?}");
+    assert_eq!(stats.events_dropped_rejected, 0, "{stats:?}");
+}
+
+/// Without its RoleBinding (RBAC not yet propagated at rollout, or removed), npd is unhealthy
+/// with a message naming the permission, and retries: once the binding is back, the condition
+/// and the Event land. An Event still forbidden after the bounded retry time is counted as
+/// rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_writes_are_retried_and_named_in_health() {
+    let Some(server) = ApiServer::start("forbidden_writes_are_retried_and_named_in_health") else {
+        return;
+    };
+    let name = "npd-forbidden";
+    server.create_node(name).await;
+    let kubeconfig = server.service_account_kubeconfig().await;
+    let admin = server.admin_client().await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let mut config = K8sConfig::from_kubeconfig(&kubeconfig, name).await.unwrap();
+    config.retry_forbidden_max = Duration::from_millis(500);
+    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    wait_condition(
+        &nodes,
+        name,
+        "KernelDeadlock",
+        "False",
+        "KernelHasNoDeadlock",
+    )
+    .await;
+
+    let unbind = server.kubectl(&["delete", "clusterrolebinding", "npd"]);
+    assert!(
+        unbind.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unbind.stderr)
+    );
+    exporter.export(&docker_hung(DOCKER_HUNG));
+    let stats = wait_stats(&exporter, "both permissions named as missing", |s| {
+        s.problem
+            .as_deref()
+            .is_some_and(|p| p.contains("nodes/status patch") && p.contains("events create"))
+    })
+    .await;
+    assert!(stats.api_available, "a refusal is an answer: {stats:?}");
+
+    server.apply_rbac();
+    let c = wait_condition(&nodes, name, "KernelDeadlock", "True", "DockerHung").await;
+    assert_eq!(c.message.as_deref(), Some(DOCKER_HUNG));
+    wait_for("the DockerHung Event", || async {
+        events(&admin, name, "DockerHung").await.into_iter().next()
+    })
+    .await;
+    wait_stats(&exporter, "health back", |s| s.problem.is_none()).await;
+    let stats = exporter.shutdown().await;
+    assert_eq!(stats.events_dropped_rejected, 0, "{stats:?}");
+
+    // Forbidden for longer than the Event retry time: counted as rejected.
+    let mut config = K8sConfig::from_kubeconfig(&kubeconfig, name).await.unwrap();
+    config.retry_forbidden_max = Duration::from_millis(200);
+    config.event_forbidden_retry_for = Duration::from_secs(1);
+    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    let unbind = server.kubectl(&["delete", "clusterrolebinding", "npd"]);
+    assert!(unbind.status.success());
+    exporter.export(&problem("KernelOops", "BUG: while forbidden"));
+    let stats = wait_stats(&exporter, "the forbidden Event counted as rejected", |s| {
+        s.events_dropped_rejected == 1
+    })
+    .await;
+    assert!(
+        stats.call(ApiCall::CreateEvent).failed >= 2,
+        "retried first: {stats:?}"
+    );
+    server.apply_rbac();
+    exporter.shutdown().await;
+}
+
+/// The Node deleted under a running agent (404): npd is unhealthy saying so, reads the Node
+/// again with backoff, and writes every condition, the newest state included, once it is
+/// registered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_is_read_again_and_written_when_back() {
+    let Some(server) = ApiServer::shared("a_deleted_node_is_read_again_and_written_when_back")
+    else {
+        return;
+    };
+    let name = "npd-node-gone";
+    server.create_node(name).await;
+    let nodes: Api<Node> = Api::all(server.admin_client().await);
+    let exporter = start_exporter(&server.service_account_kubeconfig().await, name).await;
+    wait_condition(
+        &nodes,
+        name,
+        "KernelDeadlock",
+        "False",
+        "KernelHasNoDeadlock",
+    )
+    .await;
+    nodes.delete(name, &Default::default()).await.unwrap();
+    exporter.export(&docker_hung(DOCKER_HUNG));
+    wait_stats(&exporter, "the missing Node named in health", |s| {
+        s.problem
+            .as_deref()
+            .is_some_and(|p| p.contains(&format!("Node {name} not found")))
+    })
+    .await;
+    server.create_node(name).await;
+    wait_condition(&nodes, name, "KernelDeadlock", "True", "DockerHung").await;
+    wait_condition(
+        &nodes,
+        name,
+        "ReadonlyFilesystem",
+        "False",
+        "FilesystemIsNotReadOnly",
+    )
+    .await;
+    wait_stats(&exporter, "health back", |s| s.problem.is_none()).await;
+    exporter.shutdown().await;
+}
+
+/// A condition npd wrote whose rule file is gone is removed at start (NPD #1011); ownership
+/// comes from the Node's managedFields. kubelet's condition, another writer's, and NPD's own
+/// are untouched, whatever their names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_conditions_npd_wrote_are_removed_at_start() {
+    let Some(server) = ApiServer::shared("stale_conditions_npd_wrote_are_removed_at_start") else {
+        return;
+    };
+    let name = "npd-stale";
+    let created = server.create_node(name).await;
+    let nodes: Api<Node> = Api::all(server.admin_client().await);
+    let write_as = |manager: &str, type_: &str| {
+        let nodes = nodes.clone();
+        let params = PatchParams {
+            field_manager: Some(manager.into()),
+            ..Default::default()
+        };
+        let status = serde_json::json!({"status": {"conditions": [{
+            "type": type_, "status": "True", "reason": "Old", "message": "from an old config",
+            "lastHeartbeatTime": "2021-01-02T03:04:05Z", "lastTransitionTime": "2021-01-01T00:00:00Z",
+        }]}});
+        async move {
+            nodes
+                .patch_status(name, &params, &Patch::Strategic(&status))
+                .await
+                .unwrap();
+        }
+    };
+    write_as("npd", "StaleNpd").await;
+    write_as("some-other-agent", "OtherWriter").await;
+    write_as("node-problem-detector", "FrequentDockerRestart").await;
+    let exporter = start_exporter(&server.service_account_kubeconfig().await, name).await;
+    wait_for("StaleNpd removed", || async {
+        fetch_condition(&nodes, name, "StaleNpd")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    wait_condition(
+        &nodes,
+        name,
+        "KernelDeadlock",
+        "False",
+        "KernelHasNoDeadlock",
+    )
+    .await;
+    for kept in ["OtherWriter", "FrequentDockerRestart"] {
+        let c = fetch_condition(&nodes, name, kept).await;
+        assert_eq!(
+            c.map(|c| c.status),
+            Some("True".to_string()),
+            "{kept} touched"
+        );
+    }
+    exporter.shutdown().await;
+    assert_eq!(
+        ready_json(&nodes.get(name).await.unwrap()),
+        ready_json(&created)
+    );
+}
+
+/// Condition timestamps on the Node are anyone's to set (who may patch nodes/status): npd
+/// adopts one from before 1970 and one from the end of year 9999 (beyond what k8s-openapi's
+/// time type holds, so a typed client cannot read that Node at all) without failing, and
+/// writes them back clamped into what every client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_condition_timestamps_on_the_node_are_clamped() {
+    let Some(server) = ApiServer::shared("hostile_condition_timestamps_on_the_node_are_clamped")
+    else {
+        return;
+    };
+    let name = "npd-hostile-times";
+    server.create_node(name).await;
+    let nodes: Api<Node> = Api::all(server.admin_client().await);
+    let status = serde_json::json!({"status": {"conditions": [
+        {"type": "KernelDeadlock", "status": "True", "reason": "DockerHung", "message": "m",
+         "lastHeartbeatTime": "1900-01-01T00:00:00Z", "lastTransitionTime": "1900-01-01T00:00:00Z"},
+        {"type": "ReadonlyFilesystem", "status": "True", "reason": "FilesystemIsReadOnly",
+         "message": "m", "lastHeartbeatTime": "9999-12-31T23:59:59Z",
+         "lastTransitionTime": "9999-12-31T23:59:59Z"},
+    ]}});
+    // Written and read back as plain JSON: k8s-openapi's types cannot even hold the second.
+    let raw: Api<kube::core::DynamicObject> = Api::all_with(
+        server.admin_client().await,
+        &kube::core::ApiResource::erase::<Node>(&()),
+    );
+    raw.patch_status(name, &PatchParams::default(), &Patch::Strategic(&status))
+        .await
+        .unwrap();
+    assert!(
+        nodes.get(name).await.is_err(),
+        "k8s-openapi refuses such a Node"
+    );
+    let mut config = K8sConfig::from_kubeconfig(&server.service_account_kubeconfig().await, name)
+        .await
+        .unwrap();
+    config.heartbeat_period = Duration::from_secs(1);
+    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    // A heartbeat writes both back: npd is alive and wrote them.
+    let c = wait_for("KernelDeadlock rewritten with a clamped time", || async {
+        fetch_condition(&nodes, name, "KernelDeadlock")
+            .await
+            .filter(|c| {
+                c.last_heartbeat_time
+                    .as_ref()
+                    .is_some_and(|t| t.0.to_string() != "1900-01-01T00:00:00Z")
+            })
+    })
+    .await;
+    assert_eq!(c.status, "True");
+    assert_eq!(
+        c.last_transition_time.map(|t| t.0.to_string()).as_deref(),
+        Some("1970-01-01T00:00:00Z")
+    );
+    let c = fetch_condition(&nodes, name, "ReadonlyFilesystem")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.last_transition_time.map(|t| t.0.to_string()).as_deref(),
+        Some("9999-12-30T22:00:00Z")
+    );
+    let stats = exporter.shutdown().await;
+    assert!(
+        stats.running || stats.call(ApiCall::PatchNodeStatus).ok >= 1,
+        "{stats:?}"
+    );
 }

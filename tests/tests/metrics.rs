@@ -97,13 +97,10 @@ impl Npd {
 }
 
 fn prometheus_available(test: &str) -> bool {
-    match prometheus::ensure_installed() {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("SKIPPED {test}: Prometheus is not available: {why}");
-            false
-        }
-    }
+    npd_tests::prerequisite(
+        test,
+        prometheus::ensure_installed().map_err(|why| format!("Prometheus is not available: {why}")),
+    )
 }
 
 /// NPD's metrics, scraped by a real Prometheus: a problem reported through the daemon's report
@@ -207,9 +204,8 @@ fn prometheus_scrapes_problem_metrics() {
 }
 
 /// The end-to-end NPD case: one KernelOops line written to /dev/kmsg is
-/// `problem_counter{reason="KernelOops"} 1` in Prometheus. Needs the rules engine (branch
-/// `rules`): until it is merged and run.rs initialises its reasons, the agent has no
-/// `problem_counter{reason="KernelOops"}` series at start and the test says SKIPPED.
+/// `problem_counter{reason="KernelOops"} 1` in Prometheus, through the real rules (every
+/// reason of the defaults starts at 0).
 #[test]
 fn kernel_oops_line_counts_in_prometheus() {
     let _serial = serial();
@@ -219,13 +215,11 @@ fn kernel_oops_line_counts_in_prometheus() {
     }
     let npd = Npd::start(&["--source", "auto"]);
     let series = "problem_counter{reason=\"KernelOops\"}";
-    if npd.metric(series).is_none() {
-        eprintln!(
-            "SKIPPED {test}: the agent does not initialise {series} (no rules engine wired into run.rs yet; \
-             this test passes once the rules branch is merged)"
-        );
-        return;
-    }
+    assert_eq!(
+        npd.metric(series),
+        Some(0.0),
+        "the agent must start every reason of its rules at 0"
+    );
     let prom = Prometheus::start(&[npd.metrics], Duration::from_secs(1));
     prom.wait_for_value(series, 0.0, WAIT);
     write_kmsg(KERNEL_OOPS);

@@ -79,12 +79,11 @@ fn real_main() -> anyhow::Result<()> {
         }
         Cmd::Build => {
             let path = setup()?;
-            build_agent(&path, true)
+            build_agent(&path, true).map(drop)
         }
         Cmd::Run { args } => {
             let path = setup()?;
-            build_agent(&path, true)?;
-            let agent = root.join("target/release/npd-agent");
+            let agent = build_agent(&path, true)?;
             let mut cmd = as_root(&agent)?;
             cmd.args(args);
             // The agent's exit code is the command's.
@@ -314,23 +313,77 @@ fn cargo(path: &OsString) -> Command {
     cmd
 }
 
-fn build_agent(path: &OsString, release: bool) -> anyhow::Result<()> {
+/// Builds the agent and returns the executable cargo built (not a path guessed from the
+/// target directory: the tests run exactly the binary this command produced).
+fn build_agent(path: &OsString, release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo(path);
-    cmd.args(["build", "--package", "npd-agent", "--bins"])
-        .args(locked());
+    cmd.args([
+        "build",
+        "--package",
+        "npd-agent",
+        "--bins",
+        "--message-format=json-render-diagnostics",
+    ])
+    .args(locked());
     if release {
         cmd.arg("--release");
     }
-    run(&mut cmd)
+    eprintln!("xtask: {}", describe(&cmd));
+    // Progress and diagnostics on stderr, as usual; the artifact messages on stdout.
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {}", describe(&cmd)))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", describe(&cmd), out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "npd-agent")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo reported no npd-agent executable")
+}
+
+/// Totals of a test run, from libtest's `test result:` lines and the skip log.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+impl Totals {
+    /// Adds one `test result: ok. 82 passed; 0 failed; 0 ignored; ...` line.
+    fn add_result_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
 }
 
 fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
-    build_agent(path, false)?;
-    let agent = workspace_root().join("target/debug/npd-agent");
+    let agent = build_agent(path, false)?;
+    let skip_log = std::env::temp_dir().join(format!("npd-skipped-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&skip_log);
     let mut cmd = cargo(path);
     // The default members: every crate but the eBPF one, which only builds for the BPF target.
-    cmd.arg("test").args(locked());
+    // Every test binary runs, even after a failure, so that the totals are complete.
+    cmd.args(["test", "--no-fail-fast"]).args(locked());
     cmd.env("NPD_AGENT_BIN", &agent);
+    cmd.env("NPD_SKIP_LOG", &skip_log);
     if !is_root() {
         if which("sudo").is_none() {
             bail!(
@@ -346,11 +399,46 @@ fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
         cmd.arg(filter);
     }
     cmd.arg("--test-threads=1");
-    run(&mut cmd)
+    eprintln!("xtask: {}", describe(&cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", describe(&cmd)))?;
+    let mut totals = Totals::default();
+    let stdout = child.stdout.take().context("piped stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading the test output")?;
+        println!("{line}");
+        totals.add_result_line(&line);
+    }
+    let status = child.wait()?;
+    let skipped: Vec<String> = std::fs::read_to_string(&skip_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let _ = std::fs::remove_file(&skip_log);
+    // A skipped test returned early, which libtest counts as passed.
+    totals.skipped = skipped.len() as u64;
+    totals.passed = totals.passed.saturating_sub(totals.skipped);
+    for s in &skipped {
+        eprintln!("xtask: skipped {s}");
+    }
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.skipped
+    );
+    if !status.success() {
+        bail!("{} failed: {status}", describe(&cmd));
+    }
+    if std::env::var_os("CI").is_some() && totals.skipped > 0 {
+        bail!("in CI no test may be skipped: {}", skipped.join("; "));
+    }
+    Ok(())
 }
 
 fn bench(path: &OsString) -> anyhow::Result<()> {
-    build_agent(path, true)?;
+    let agent = build_agent(path, true)?;
     let mut criterion = cargo(path);
     criterion
         .args(["bench", "--package", "npd-agent"])
@@ -362,14 +450,37 @@ fn bench(path: &OsString) -> anyhow::Result<()> {
         kernel
             .args(["bench", "--package", "npd-tests", "--bench", bench])
             .args(locked());
-        kernel.env(
-            "NPD_AGENT_BIN",
-            workspace_root().join("target/release/npd-agent"),
-        );
+        kernel.env("NPD_AGENT_BIN", &agent);
         if !is_root() {
             kernel.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
         }
         run(&mut kernel)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_from_libtest_lines() {
+        let mut t = Totals::default();
+        for line in [
+            "test result: ok. 82 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.23s",
+            "running 6 tests",
+            "test result: FAILED. 5 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.0s",
+            "test a_test_named_test_result ... ok",
+        ] {
+            t.add_result_line(line);
+        }
+        assert_eq!(
+            t,
+            Totals {
+                passed: 87,
+                failed: 1,
+                skipped: 0
+            }
+        );
+    }
 }

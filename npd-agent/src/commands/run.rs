@@ -24,7 +24,7 @@ use crate::{
     health::{ConditionBoard, Health},
     http::{self, DebugControls, HealthRoutes, MetricsRoutes},
     metrics::{EngineCounters, Metrics},
-    problem::{ConditionChange, Report},
+    problem::{Condition, ConditionChange, Report},
     rules::{ConfigError, RuleSet},
     sensor::{EVENT_KINDS, Sensor, SensorConfig},
 };
@@ -155,6 +155,15 @@ struct Publisher {
 }
 
 impl Publisher {
+    /// Conditions the engine took over from the Node at start: `/conditions` and the problem
+    /// gauge show them; nothing is reported (nothing changed on the Node).
+    fn adopted(&self, changes: &[ConditionChange]) {
+        for change in changes {
+            self.metrics.observe_condition(&change.condition);
+            self.conditions.set(&change.condition);
+        }
+    }
+
     /// Publishes every report, in order.
     fn publish_all<W: std::io::Write>(
         &self,
@@ -199,7 +208,7 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
     // Every condition the rules own, in its default state. The exporter starts before the
     // sensor: problems found while the API server is unreachable are kept, not lost.
     let initial: Vec<ConditionChange> = engine.initial_conditions(SystemTime::now());
-    let (kubernetes, exporter_mode) = kubernetes_exporter(&args, initial.clone()).await?;
+    let (mut kubernetes, exporter_mode) = kubernetes_exporter(&args, initial.clone()).await?;
     let mut config = SensorConfig::new(args.source);
     config.tracefs = args.tracefs.clone();
     config.kmsg_path = args.kmsg_path.clone();
@@ -277,6 +286,9 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
         );
     }
 
+    // The conditions the exporter finds on the Node (each time it reads it): the engine takes
+    // them over, so that their recovery starts at adoption.
+    let mut adoptions = kubernetes.as_mut().and_then(K8sHandle::adoptions);
     let publisher = Publisher {
         metrics,
         conditions,
@@ -318,6 +330,20 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
             Some(report) = injected.recv() => {
                 publisher.publish(&report, &mut out)?;
                 out.flush()?;
+            }
+            Some(found) = next_adoption(&mut adoptions) => {
+                let changes = engine.adopt(&found, SystemTime::now());
+                if !changes.is_empty() {
+                    tracing::info!(
+                        conditions = %changes
+                            .iter()
+                            .map(|c| format!("{}={}", c.condition.type_, c.condition.status.as_str()))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        "took over the conditions found on the Node"
+                    );
+                }
+                publisher.adopted(&changes);
             }
         }
     };
@@ -362,6 +388,16 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The next conditions the exporter found on the Node; pending for ever without an exporter.
+async fn next_adoption(
+    adoptions: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Vec<Condition>>>,
+) -> Option<Vec<Condition>> {
+    match adoptions {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn set_counters(shared: &Mutex<EngineCounters>, engine: &Engine) {
     let counters = engine_counters(&engine.stats());
     match shared.lock() {
@@ -398,6 +434,9 @@ async fn kubernetes_exporter(
 fn exporter_health(stats: &K8sStats, limit: Duration) -> Result<(), String> {
     if !stats.running {
         return Err("the Kubernetes exporter task is not running".into());
+    }
+    if let Some(problem) = &stats.problem {
+        return Err(format!("Kubernetes exporter: {problem}"));
     }
     if let Some(since) = stats.api_failing_since
         && let Ok(failing) = since.elapsed()

@@ -1,21 +1,33 @@
 //! The Kubernetes exporter: npd's conditions on its Node's status and its problems as Events on
 //! the Node, as node-problem-detector's k8s exporter does, but event-driven.
 //!
-//! [`K8sExporter::start`] spawns one task that owns all API traffic; the sensor side only calls
-//! [`K8sHandle::export`], which never waits on the API server. The task
-//! - waits for the API server (retrying with backoff; reports made meanwhile are kept), reads
-//!   the Node, adopts the states of npd's conditions already there (an agent restart never
-//!   flips a True condition to False) and writes the others in their default state;
-//! - writes each condition change to `nodes/<name>/status` at once, as a strategic-merge patch
-//!   keyed on the condition type, so other conditions (kubelet's `Ready`...) are untouched;
-//!   refreshes every condition's `lastHeartbeatTime` each heartbeat period;
-//! - posts core/v1 Events about the Node; repeats of an Event (same source, type, reason and
-//!   message) within the aggregation window update its `count` and `lastTimestamp`;
-//! - retries with backoff while the API server fails, and coalesces: only the newest desired
-//!   state of each condition is written, once, when the server is back.
+//! [`K8sExporter::start`] spawns two independent tasks that own all API traffic, so that one
+//! stuck never blocks the other; the sensor side only calls [`K8sHandle::export`], which never
+//! waits on the API server.
 //!
-//! Every write uses the field manager `npd`.
+//! - The Node task ([`node`]) reads the Node (retrying with backoff; reports made meanwhile
+//!   are kept), adopts the states of npd's conditions already there (an agent restart never
+//!   flips a True condition to False, and the engine takes them over, see
+//!   [`K8sHandle::adoptions`]), removes the conditions npd wrote but no longer configures, and
+//!   writes the others in their default state. It writes each condition change to
+//!   `nodes/<name>/status` at once, as a strategic-merge patch keyed on the condition type, so
+//!   other conditions (kubelet's `Ready`...) are untouched, and refreshes every condition's
+//!   `lastHeartbeatTime` each heartbeat period. It coalesces: only the newest desired state of
+//!   each condition is written, once, when the server is back.
+//! - The Event task ([`events`]) posts core/v1 Events about the Node, as kubelet and NPD
+//!   reference it (uid = the Node's name, which is what `kubectl describe node` lists).
+//!   Repeats of one reason within the aggregation window update the Event's `count`,
+//!   `lastTimestamp` and message, at most once per `event_min_interval` per reason.
+//!
+//! API errors are handled by their class ([`CallError::class`]): transient ones (no answer,
+//! 408, 429, 5xx) are retried with backoff; the Node gone (404) makes the Node task read it
+//! again; forbidden (401/403) is retried with long backoff (Events: for a bounded time, as RBAC
+//! propagates at rollout) and makes `/healthz` name the permission; a body the server rejects
+//! (422 and other 4xx) is dropped and counted, never retried. Every write uses the field
+//! manager `npd`.
 
+mod events;
+mod node;
 mod state;
 mod stats;
 
@@ -27,23 +39,22 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Event, EventSource, Node, NodeCondition, ObjectReference},
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    api::core::v1::{Event, Node},
+    apimachinery::pkg::apis::meta::v1::Time,
 };
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
 use tokio::{
-    sync::{Notify, watch},
+    sync::{Notify, mpsc, watch},
     task::JoinHandle,
     time::Instant,
 };
 
 pub use self::stats::{ApiCall, CallStats, K8sStats, LATENCY_BUCKETS};
 use self::{
-    state::{Backoff, ConditionBook, EventKey, EventQueue, PendingEvent, PostedEvents, Pushed},
+    state::{Backoff, EventKey, EventQueue, Pushed},
     stats::Counters,
 };
 use crate::{
@@ -74,11 +85,21 @@ pub struct K8sConfig {
     /// A repeat of an Event updated less than this long ago updates it (count, lastTimestamp)
     /// instead of creating a new one.
     pub event_aggregation_window: Duration,
+    /// At most one write per this interval for each Event (source, type, reason): the repeats
+    /// of a storm are folded into the next write, so the API server sees one write per
+    /// interval per reason, and no repeat is lost.
+    pub event_min_interval: Duration,
     /// First delay between retries while the API server is unavailable; doubles each time.
     pub retry_min: Duration,
     /// Longest delay between retries: once the server is back, the last state lands within
     /// about this long.
     pub retry_max: Duration,
+    /// Longest delay between retries while a write is forbidden (401/403: the ClusterRole or
+    /// its binding is missing). `/healthz` names the permission meanwhile.
+    pub retry_forbidden_max: Duration,
+    /// How long an Event refused as forbidden is retried (RBAC propagating at rollout) before
+    /// it is counted as rejected.
+    pub event_forbidden_retry_for: Duration,
     /// Timeout of one API request.
     pub request_timeout: Duration,
     /// How long [`K8sHandle::shutdown`] may spend writing what is still pending.
@@ -98,8 +119,11 @@ impl K8sConfig {
             event_namespace: "default".into(),
             event_queue_capacity: 1024,
             event_aggregation_window: Duration::from_secs(10 * 60),
+            event_min_interval: Duration::from_secs(1),
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(5),
+            retry_forbidden_max: Duration::from_secs(5 * 60),
+            event_forbidden_retry_for: Duration::from_secs(2 * 60),
             request_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),
         }
@@ -202,13 +226,13 @@ pub enum K8sConfigError {
     Client(#[source] kube::Error),
 }
 
-/// Starts the exporter task.
+/// Starts the exporter tasks.
 pub struct K8sExporter;
 
 impl K8sExporter {
     /// Starts exporting for `config.node_name`. `initial` is every condition npd owns in its
     /// default state. Must be called within a tokio runtime; returns at once (the API server
-    /// is contacted by the spawned task).
+    /// is contacted by the spawned tasks).
     pub fn start(
         config: K8sConfig,
         initial: Vec<ConditionChange>,
@@ -223,39 +247,44 @@ impl K8sExporter {
                 conditions: BTreeMap::new(),
                 events: EventQueue::new(config.event_queue_capacity),
             }),
-            wake: Notify::new(),
+            conditions_changed: Notify::new(),
+            events_queued: Notify::new(),
             counters: Counters::default(),
+            problems: Mutex::new(BTreeMap::new()),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let worker = Worker {
-            nodes: Api::all(client.clone()),
-            events: Api::namespaced(client, &config.event_namespace),
-            book: ConditionBook::new(initial.into_iter().map(|c| c.condition)),
-            posted: PostedEvents::new(config.event_aggregation_window),
-            backoff: Backoff::new(config.retry_min, config.retry_max),
-            shared: Arc::clone(&shared),
-            shutdown: shutdown_rx,
-            deadline: None,
-            node_uid: String::new(),
-            failing: None,
-            last_event_nanos: 0,
-            config,
-        };
-        let shutdown_timeout = worker.config.shutdown_timeout;
-        shared
-            .counters
-            .running
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        let task = tokio::spawn(async move {
-            // Cleared however the task ends (return, panic or abort), for `/healthz`.
-            let _running = RunningFlag(Arc::clone(&worker.shared));
-            worker.run().await;
-        });
+        let (adopted_tx, adopted_rx) = mpsc::unbounded_channel();
+        Counters::set(&shared.counters.running, true);
+        let config = Arc::new(config);
+        let node = node::NodeWriter::new(
+            Caller::new(&config, &shared, shutdown_rx.clone()),
+            Api::all_with(client.clone(), &resource::<Node>()),
+            initial.into_iter().map(|c| c.condition),
+            adopted_tx,
+        );
+        let events = events::EventWriter::new(
+            Caller::new(&config, &shared, shutdown_rx),
+            Api::namespaced_with(client, &config.event_namespace, &resource::<Event>()),
+        );
+        let running = |shared: &Arc<Shared>| RunningFlag(Arc::clone(shared));
+        let (node_flag, events_flag) = (running(&shared), running(&shared));
+        let tasks = vec![
+            tokio::spawn(async move {
+                // Cleared however the task ends (return, panic or abort), for `/healthz`.
+                let _running = node_flag;
+                node.run().await;
+            }),
+            tokio::spawn(async move {
+                let _running = events_flag;
+                events.run().await;
+            }),
+        ];
         Ok(K8sHandle {
             shared,
             shutdown: shutdown_tx,
-            task: Some(task),
-            shutdown_timeout,
+            tasks,
+            adoptions: Some(adopted_rx),
+            shutdown_timeout: config.shutdown_timeout,
         })
     }
 }
@@ -265,33 +294,32 @@ impl K8sExporter {
 pub struct K8sHandle {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    adoptions: Option<mpsc::UnboundedReceiver<Vec<Condition>>>,
     shutdown_timeout: Duration,
 }
 
 impl K8sHandle {
     /// Hands a report over. Never waits on the API server: it only records the newest desired
-    /// state of the condition and queues the Event, then wakes the exporter task.
+    /// state of the condition and queues the Event, then wakes the task concerned.
     pub fn export(&self, report: &Report) {
-        let (condition, event, at) = match report {
+        let (condition, key, message, at) = match report {
             Report::Condition(change) => {
                 let c = &change.condition;
-                let event = EventKey {
+                let key = EventKey {
                     source: change.source.clone(),
                     type_: event_type(change.severity()),
                     reason: c.reason.clone(),
-                    message: condition_change_message(c),
                 };
-                (Some(c), event, c.transition_time)
+                (Some(c), key, condition_change_message(c), c.transition_time)
             }
             Report::Event(e) => {
-                let event = EventKey {
+                let key = EventKey {
                     source: e.source.clone(),
                     type_: event_type(e.severity),
                     reason: e.reason.clone(),
-                    message: e.message.clone(),
                 };
-                (None, event, e.timestamp)
+                (None, key, e.message.clone(), e.timestamp)
             }
         };
         let pushed = {
@@ -299,7 +327,7 @@ impl K8sHandle {
             if let Some(c) = condition {
                 pending.conditions.insert(c.type_.clone(), c.clone());
             }
-            pending.events.push(event, at)
+            pending.events.push(key, message, at)
         };
         let c = &self.shared.counters;
         Counters::add(&c.events_received, 1);
@@ -310,7 +338,17 @@ impl K8sHandle {
                 tracing::warn!(dropped, "Kubernetes Event queue full: Events dropped");
             }
         }
-        self.shared.wake.notify_one();
+        if condition.is_some() {
+            self.shared.conditions_changed.notify_one();
+        }
+        self.shared.events_queued.notify_one();
+    }
+
+    /// The states of npd's conditions found on the Node each time it is read (at start, and
+    /// again after the Node was deleted and registered anew): for the rules engine to take them
+    /// over. `None` after the first call.
+    pub fn adoptions(&mut self) -> Option<mpsc::UnboundedReceiver<Vec<Condition>>> {
+        self.adoptions.take()
     }
 
     /// A snapshot of the exporter's counters.
@@ -324,14 +362,14 @@ impl K8sHandle {
         move || shared.stats()
     }
 
-    /// Stops the exporter after writing what is pending (newest condition states first, then
-    /// queued Events), spending at most the configured `shutdown_timeout` on it.
+    /// Stops the exporter after writing what is pending (newest condition states, and queued
+    /// Events), spending at most the configured `shutdown_timeout` on it.
     pub async fn shutdown(mut self) -> K8sStats {
         let _ = self.shutdown.send(true);
-        if let Some(mut task) = self.task.take() {
-            // The task keeps to the deadline itself; this is a safety net.
-            let limit = self.shutdown_timeout + Duration::from_secs(1);
-            if tokio::time::timeout(limit, &mut task).await.is_err() {
+        // The tasks keep to the deadline themselves; this is a safety net.
+        let limit = tokio::time::Instant::now() + self.shutdown_timeout + Duration::from_secs(1);
+        for mut task in std::mem::take(&mut self.tasks) {
+            if tokio::time::timeout_at(limit, &mut task).await.is_err() {
                 task.abort();
                 tracing::warn!("Kubernetes exporter did not stop in time; aborted");
             }
@@ -342,7 +380,7 @@ impl K8sHandle {
 
 impl Drop for K8sHandle {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        for task in &self.tasks {
             task.abort();
         }
     }
@@ -355,7 +393,7 @@ fn event_type(severity: Severity) -> &'static str {
     }
 }
 
-/// Clears `running` when dropped with the exporter task.
+/// Clears `running` when dropped with an exporter task.
 struct RunningFlag(Arc<Shared>);
 
 impl Drop for RunningFlag {
@@ -364,16 +402,20 @@ impl Drop for RunningFlag {
     }
 }
 
-/// What the handle and the task share.
+/// What the handle and the tasks share.
 #[derive(Debug)]
 struct Shared {
     pending: Mutex<Pending>,
-    /// Signalled by `export`.
-    wake: Notify,
+    /// Signalled by `export` for the Node task.
+    conditions_changed: Notify,
+    /// Signalled by `export` for the Event task.
+    events_queued: Notify,
     counters: Counters,
+    /// What keeps each task from doing its job now (`/healthz` says it), by task.
+    problems: Mutex<BTreeMap<&'static str, String>>,
 }
 
-/// Reports not yet taken by the task.
+/// Reports not yet taken by the tasks.
 #[derive(Debug)]
 struct Pending {
     /// Newest desired state per condition type.
@@ -389,7 +431,25 @@ impl Shared {
 
     fn stats(&self) -> K8sStats {
         let queued = self.lock().events.len() as u64;
-        self.counters.snapshot(queued)
+        let mut stats = self.counters.snapshot(queued);
+        let problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        if !problems.is_empty() {
+            stats.problem = Some(problems.values().cloned().collect::<Vec<_>>().join("; "));
+        }
+        stats
+    }
+
+    /// Sets (or with `None` clears) what keeps `task` from doing its job.
+    fn set_problem(&self, task: &'static str, problem: Option<String>) {
+        let mut problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        match problem {
+            Some(p) => {
+                problems.insert(task, p);
+            }
+            None => {
+                problems.remove(task);
+            }
+        }
     }
 }
 
@@ -402,6 +462,21 @@ enum CallError {
     Timeout(Duration),
 }
 
+/// What a failed call means for what to do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ErrorClass {
+    /// No answer (connection refused, timeout...), 408, 429 or 5xx: retry with backoff.
+    Transient,
+    /// 404: the object is not there.
+    NotFound,
+    /// 401 or 403: npd lacks a permission (or its credentials).
+    Forbidden,
+    /// 409: the object already exists.
+    Conflict,
+    /// 422 or another 4xx: the server refuses this body; retrying it cannot help.
+    Rejected,
+}
+
 impl CallError {
     /// The HTTP status of an error response.
     fn status(&self) -> Option<u16> {
@@ -411,10 +486,15 @@ impl CallError {
         }
     }
 
-    /// Worth retrying: no answer (connection refused, timeout...), 408, 429 or 5xx.
-    fn is_transient(&self) -> bool {
-        self.status()
-            .is_none_or(|code| code == 408 || code == 429 || code >= 500)
+    fn class(&self) -> ErrorClass {
+        match self.status() {
+            None | Some(408 | 429) => ErrorClass::Transient,
+            Some(code) if code >= 500 => ErrorClass::Transient,
+            Some(404) => ErrorClass::NotFound,
+            Some(401 | 403) => ErrorClass::Forbidden,
+            Some(409) => ErrorClass::Conflict,
+            Some(_) => ErrorClass::Rejected,
+        }
     }
 }
 
@@ -425,162 +505,30 @@ struct Failing {
     attempts: u32,
 }
 
-/// The exporter task.
-struct Worker {
-    config: K8sConfig,
-    nodes: Api<Node>,
-    events: Api<Event>,
+/// What each task uses to make calls: the configuration, the shared state, the shutdown
+/// signal and deadline, and its own backoff and outage log.
+struct Caller {
+    config: Arc<K8sConfig>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
     /// Set once shutdown is requested: pending writes must be done by then.
     deadline: Option<Instant>,
-    book: ConditionBook,
-    posted: PostedEvents,
     backoff: Backoff,
-    node_uid: String,
+    forbidden_backoff: Backoff,
     failing: Option<Failing>,
-    /// For unique Event names.
-    last_event_nanos: u128,
 }
 
-/// Why the idle wait ended.
-enum Wake {
-    Reports,
-    Heartbeat,
-    Shutdown,
-}
-
-impl Worker {
-    async fn run(mut self) {
-        tracing::info!(
-            node = %self.config.node_name,
-            server = %self.config.client.cluster_url,
-            "Kubernetes exporter starting"
-        );
-        let Some(node) = self.connect().await else {
-            self.stop();
-            return;
-        };
-        self.node_uid = node.metadata.uid.unwrap_or_default();
-        let found = node.status.and_then(|s| s.conditions).unwrap_or_default();
-        self.book.adopt(found.iter().map(from_node_condition));
-        Counters::set(&self.shared.counters.node_adopted, true);
-        tracing::info!(node = %self.config.node_name, "Kubernetes exporter connected");
-
-        // The first write refreshes every owned condition (adopted ones keep their state).
-        let mut full_write = true;
-        let mut next_heartbeat = Instant::now() + self.config.heartbeat_period;
-        loop {
-            self.take_conditions();
-            let writes = if full_write {
-                self.book.all()
-            } else {
-                self.book.dirty()
-            };
-            if writes.is_empty() && full_write {
-                // No condition owned yet: nothing to refresh until the next period.
-                full_write = false;
-                next_heartbeat = Instant::now() + self.config.heartbeat_period;
-            }
-            if !writes.is_empty() {
-                if self.past_deadline() {
-                    break;
-                }
-                match self.patch_conditions(&writes).await {
-                    Ok(()) => {
-                        self.book.mark_written(&writes);
-                        if full_write {
-                            full_write = false;
-                            next_heartbeat = Instant::now() + self.config.heartbeat_period;
-                        }
-                        self.succeeded();
-                    }
-                    Err(err) => self.failed("writing node conditions", &err).await,
-                }
-                continue;
-            }
-            if let Some(event) = self.take_event() {
-                if self.past_deadline() {
-                    self.shared.lock().events.requeue(event);
-                    break;
-                }
-                match self.post_event(&event).await {
-                    Ok(()) => self.succeeded(),
-                    Err(err) if err.is_transient() => {
-                        self.shared.lock().events.requeue(event);
-                        self.failed("posting an Event", &err).await;
-                    }
-                    Err(err) => {
-                        let c = &self.shared.counters;
-                        Counters::add(&c.events_dropped_rejected, u64::from(event.count));
-                        tracing::warn!(reason = %event.key.reason, error = %err, "Event refused; dropped");
-                    }
-                }
-                continue;
-            }
-            if self.deadline.is_some() {
-                break;
-            }
-            let wake = tokio::select! {
-                _ = self.shared.wake.notified() => Wake::Reports,
-                _ = tokio::time::sleep_until(next_heartbeat) => Wake::Heartbeat,
-                _ = self.shutdown.wait_for(|stop| *stop) => Wake::Shutdown,
-            };
-            match wake {
-                Wake::Reports => {}
-                Wake::Heartbeat => full_write = true,
-                Wake::Shutdown => {
-                    self.deadline = Some(Instant::now() + self.config.shutdown_timeout)
-                }
-            }
+impl Caller {
+    fn new(config: &Arc<K8sConfig>, shared: &Arc<Shared>, shutdown: watch::Receiver<bool>) -> Self {
+        Caller {
+            backoff: Backoff::new(config.retry_min, config.retry_max),
+            forbidden_backoff: Backoff::new(config.retry_min, config.retry_forbidden_max),
+            config: Arc::clone(config),
+            shared: Arc::clone(shared),
+            shutdown,
+            deadline: None,
+            failing: None,
         }
-        self.stop();
-    }
-
-    /// Reads the Node, retrying until it answers (or the shutdown deadline passes).
-    async fn connect(&mut self) -> Option<Node> {
-        loop {
-            if self.past_deadline() {
-                return None;
-            }
-            let nodes = self.nodes.clone();
-            let name = self.config.node_name.clone();
-            match self.call(ApiCall::GetNode, nodes.get(&name)).await {
-                Ok(node) => {
-                    self.succeeded();
-                    return Some(node);
-                }
-                Err(err) => self.failed("reading the node", &err).await,
-            }
-        }
-    }
-
-    /// Logs what could not be written before stopping.
-    fn stop(&mut self) {
-        self.take_conditions();
-        let unwritten: Vec<String> = self.book.dirty().into_iter().map(|c| c.type_).collect();
-        let dropped = self.shared.lock().events.clear();
-        Counters::add(&self.shared.counters.events_dropped_at_shutdown, dropped);
-        if unwritten.is_empty() && dropped == 0 {
-            tracing::info!("Kubernetes exporter stopped; everything written");
-        } else {
-            tracing::warn!(
-                conditions = %unwritten.join(","),
-                events = dropped,
-                "Kubernetes exporter stopped before writing everything"
-            );
-        }
-    }
-
-    fn take_conditions(&mut self) {
-        let taken = std::mem::take(&mut self.shared.lock().conditions);
-        for c in taken.into_values() {
-            self.book.set(c);
-        }
-    }
-
-    fn take_event(&mut self) -> Option<PendingEvent> {
-        self.shared.lock().events.pop()
     }
 
     fn past_deadline(&self) -> bool {
@@ -589,6 +537,7 @@ impl Worker {
 
     fn succeeded(&mut self) {
         self.backoff.reset();
+        self.forbidden_backoff.reset();
         if let Some(f) = self.failing.take() {
             tracing::info!(
                 after = %humantime::format_duration(round_secs(f.since.elapsed())),
@@ -599,7 +548,8 @@ impl Worker {
     }
 
     /// Logs a failure (the first of an outage at warn, later ones at debug) and waits the
-    /// backoff delay, or less when shutdown is requested meanwhile.
+    /// backoff delay (the long one when forbidden), or less when shutdown is requested
+    /// meanwhile.
     async fn failed(&mut self, what: &str, err: &CallError) {
         match &mut self.failing {
             Some(f) => {
@@ -614,7 +564,18 @@ impl Worker {
                 });
             }
         }
-        let mut until = Instant::now() + self.backoff.next_delay();
+        let delay = if err.class() == ErrorClass::Forbidden {
+            self.forbidden_backoff.next_delay()
+        } else {
+            self.backoff.next_delay()
+        };
+        self.sleep(delay).await;
+    }
+
+    /// Sleeps `delay`, or until the shutdown deadline; a shutdown requested meanwhile sets the
+    /// deadline.
+    async fn sleep(&mut self, delay: Duration) {
+        let mut until = Instant::now() + delay;
         if let Some(deadline) = self.deadline {
             tokio::time::sleep_until(until.min(deadline)).await;
             return;
@@ -624,11 +585,17 @@ impl Worker {
             _ = self.shutdown.wait_for(|stop| *stop) => true,
         };
         if stop {
-            let deadline = Instant::now() + self.config.shutdown_timeout;
-            self.deadline = Some(deadline);
+            let deadline = self.start_deadline();
             until = until.min(deadline);
             tokio::time::sleep_until(until).await;
         }
+    }
+
+    /// Shutdown was requested: what is pending must be written by the returned deadline.
+    fn start_deadline(&mut self) -> Instant {
+        *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + self.config.shutdown_timeout)
     }
 
     /// Runs one API call with the request timeout (shortened to the shutdown deadline) and
@@ -647,152 +614,77 @@ impl Worker {
             Ok(r) => r.map_err(CallError::from),
             Err(_) => Err(CallError::Timeout(limit)),
         };
+        let answered = match &result {
+            Ok(_) => true,
+            Err(e) => e.class() != ErrorClass::Transient,
+        };
         self.shared
             .counters
-            .record_call(kind, result.is_ok(), start.elapsed());
+            .record_call(kind, result.is_ok(), answered, start.elapsed());
         result
-    }
-
-    /// Writes these conditions to the Node's status, leaving every other condition alone.
-    async fn patch_conditions(&self, conditions: &[Condition]) -> Result<(), CallError> {
-        let now = crate::time::rfc3339(SystemTime::now());
-        let conditions: Vec<serde_json::Value> = conditions
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "type": c.type_,
-                    "status": c.status.as_str(),
-                    "reason": c.reason,
-                    "message": c.message,
-                    "lastTransitionTime":
-                        crate::time::rfc3339(c.transition_time),
-                    "lastHeartbeatTime": now,
-                })
-            })
-            .collect();
-        // Node status conditions merge by `type` (patchMergeKey): a strategic-merge patch
-        // changes exactly the listed types.
-        let patch = serde_json::json!({ "status": { "conditions": conditions } });
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        self.call(
-            ApiCall::PatchNodeStatus,
-            self.nodes
-                .patch_status(&self.config.node_name, &params, &Patch::Strategic(&patch)),
-        )
-        .await
-        .map(drop)
-    }
-
-    /// Posts an Event, or updates the one already posted for its repeats.
-    async fn post_event(&mut self, event: &PendingEvent) -> Result<(), CallError> {
-        let c = &self.shared.counters;
-        if let Some(posted) = self.posted.get(&event.key, Instant::now()).cloned() {
-            let count = posted.count.saturating_add(event.count);
-            let patch = serde_json::json!({
-                "count": count,
-                "lastTimestamp": crate::time::rfc3339(event.last),
-            });
-            let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            };
-            let patch = Patch::Merge(&patch);
-            let request = self.events.patch(&posted.name, &params, &patch);
-            match self.call(ApiCall::PatchEvent, request).await {
-                Ok(_) => {
-                    self.posted
-                        .record(event.key.clone(), posted.name, count, Instant::now());
-                    Counters::add(&c.events_aggregated, u64::from(event.count));
-                    return Ok(());
-                }
-                // Expired (Events live an hour by default) or deleted: post a new one.
-                Err(err) if err.status() == Some(404) => self.posted.forget(&event.key),
-                Err(err) => return Err(err),
-            }
-        }
-        let name = self.event_name();
-        let body = Event {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(self.config.event_namespace.clone()),
-                ..Default::default()
-            },
-            involved_object: ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(self.config.node_name.clone()),
-                uid: Some(self.node_uid.clone()).filter(|u| !u.is_empty()),
-                ..Default::default()
-            },
-            reason: Some(event.key.reason.clone()),
-            message: Some(event.key.message.clone()),
-            type_: Some(event.key.type_.into()),
-            source: Some(EventSource {
-                component: Some(event.key.source.clone()),
-                host: Some(self.config.node_name.clone()),
-            }),
-            first_timestamp: Some(k8s_time(event.first)),
-            last_timestamp: Some(k8s_time(event.last)),
-            count: Some(i32::try_from(event.count).unwrap_or(i32::MAX)),
-            ..Default::default()
-        };
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        let request = self.events.create(&params, &body);
-        self.call(ApiCall::CreateEvent, request).await?;
-        self.posted
-            .record(event.key.clone(), name, event.count, Instant::now());
-        let c = &self.shared.counters;
-        Counters::add(&c.events_created, 1);
-        Counters::add(&c.events_aggregated, u64::from(event.count) - 1);
-        Ok(())
-    }
-
-    /// `<node>.<hex nanoseconds>`, as client-go's recorder names Events; strictly increasing.
-    fn event_name(&mut self) -> String {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        self.last_event_nanos = now.max(self.last_event_nanos + 1);
-        format!("{}.{:x}", self.config.node_name, self.last_event_nanos)
     }
 }
 
-/// npd's view of a Node condition. Its transition time is whatever the Node says, which anyone
-/// who may patch `nodes/status` can set: a missing one becomes now, and one that cannot be
-/// written back (before 1970, after year 9999) is clamped, and said so.
-fn from_node_condition(c: &NodeCondition) -> Condition {
-    let transition_time = match &c.last_transition_time {
+/// npd's view of one of the Node's conditions, read from its JSON (not through
+/// k8s-openapi's types, which refuse a whole Node over one time they cannot hold). Its
+/// transition time is whatever the Node says, which anyone who may patch `nodes/status` can
+/// set: a missing one becomes now, and one that cannot be written back (before 1970, after
+/// 9999-12-30T22:00:00Z, unreadable) is clamped, and said so. `None` without a type.
+fn condition_from_json(c: &serde_json::Value) -> Option<Condition> {
+    let text = |key: &str| c.get(key).and_then(|v| v.as_str());
+    let type_ = text("type")?.to_owned();
+    let transition_time = match text("lastTransitionTime") {
         None => SystemTime::now(),
-        Some(t) => {
-            let (clamped, moved) = crate::time::clamp(SystemTime::from(t.0));
+        Some(found) => {
+            let (used, moved) = node_time(found);
             if moved {
                 tracing::warn!(
-                    condition = %c.type_,
-                    found = %t.0,
-                    used = %crate::time::rfc3339(clamped),
+                    condition = %type_,
+                    found,
+                    used = %crate::time::rfc3339(used),
                     "the Node's condition has a lastTransitionTime npd cannot write back; clamped"
                 );
             }
-            clamped
+            used
         }
     };
-    Condition {
-        type_: c.type_.clone(),
-        status: match c.status.as_str() {
-            "True" => ConditionStatus::True,
-            "False" => ConditionStatus::False,
+    Some(Condition {
+        type_,
+        status: match text("status") {
+            Some("True") => ConditionStatus::True,
+            Some("False") => ConditionStatus::False,
             _ => ConditionStatus::Unknown,
         },
-        reason: c.reason.clone().unwrap_or_default(),
-        message: c.message.clone().unwrap_or_default(),
+        reason: text("reason").unwrap_or_default().to_owned(),
+        message: text("message").unwrap_or_default().to_owned(),
         transition_time,
+    })
+}
+
+/// An RFC 3339 time from the Node, clamped into what npd writes; true when it was moved (or
+/// could not be read, and became now).
+fn node_time(text: &str) -> (SystemTime, bool) {
+    if let Ok(t) = text.parse::<k8s_openapi::jiff::Timestamp>() {
+        return crate::time::clamp(SystemTime::from(t));
     }
+    // Beyond jiff's range: far past or far future, by its year.
+    let year: Option<i64> = text
+        .split('-')
+        .find(|p| !p.is_empty())
+        .and_then(|y| y.parse().ok());
+    match year {
+        Some(y) if !text.starts_with('-') && y >= 9999 => (crate::time::latest(), true),
+        Some(_) if text.starts_with('-') => (SystemTime::UNIX_EPOCH, true),
+        Some(y) if y < 1970 => (SystemTime::UNIX_EPOCH, true),
+        _ => (SystemTime::now(), true),
+    }
+}
+
+/// The API resource of Nodes and Events, read as JSON ([`kube::core::DynamicObject`]): what
+/// the API server returns is parsed leniently, so that a hostile field elsewhere in the object
+/// never makes a read or a write fail.
+fn resource<K: kube::Resource<DynamicType = ()>>() -> kube::core::ApiResource {
+    kube::core::ApiResource::erase::<K>(&())
 }
 
 fn k8s_time(t: SystemTime) -> Time {
@@ -804,4 +696,43 @@ fn k8s_time(t: SystemTime) -> Time {
 
 fn round_secs(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_condition_times_are_clamped() {
+        let at = |t: &str| {
+            condition_from_json(&serde_json::json!({
+                "type": "KernelDeadlock", "status": "True", "reason": "DockerHung",
+                "lastTransitionTime": t,
+            }))
+            .unwrap()
+            .transition_time
+        };
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(at("1900-01-01T00:00:00Z"), epoch);
+        assert_eq!(at("-0042-01-01T00:00:00Z"), epoch);
+        assert_eq!(at("9999-12-31T23:59:59Z"), crate::time::latest());
+        assert_eq!(at("99999-01-01T00:00:00Z"), crate::time::latest());
+        assert_eq!(
+            at("2021-01-01T00:00:00Z"),
+            epoch + Duration::from_secs(1_609_459_200)
+        );
+        let unreadable = at("yesterday");
+        assert!(unreadable > epoch + Duration::from_secs(1_700_000_000));
+        // Every one of them can be written back.
+        for t in [at("1900-01-01T00:00:00Z"), at("9999-12-31T23:59:59Z")] {
+            assert!(
+                crate::time::rfc3339(t)
+                    .parse::<k8s_openapi::jiff::Timestamp>()
+                    .is_ok()
+            );
+        }
+        assert!(condition_from_json(&serde_json::json!({"status": "True"})).is_none());
+        let c = condition_from_json(&serde_json::json!({"type": "X", "status": 7})).unwrap();
+        assert_eq!(c.status, ConditionStatus::Unknown);
+    }
 }

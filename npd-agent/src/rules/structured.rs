@@ -275,15 +275,35 @@ impl Template {
     }
 }
 
-/// Which kernel fault a problem is about, for correlation and de-duplication.
+/// Which kernel fault a problem is about, for correlation and de-duplication: the same fault
+/// seen twice (by its tracepoint and by the kernel's text of it, or again by the hung-task
+/// detector) is one problem; distinct faults (other victims, other sectors) are distinct
+/// problems.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum FaultKey {
     /// A hung task, by pid.
     HungTask(i32),
     /// An OOM kill, by the victim's pid.
     OomKill(i32),
-    /// Block I/O errors, by disk (partitions folded into their disk).
-    BlockError(String),
+    /// A failed block request, by where it failed.
+    BlockError {
+        /// The disk (partitions folded into their disk) for a sector, the device as named for
+        /// a logical block.
+        device: String,
+        /// Where on it.
+        at: BlockAt,
+    },
+}
+
+/// Where a block I/O error happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockAt {
+    /// A request's first sector on the disk: what `block_rq_error` and the kernel's
+    /// `I/O error, dev sda, sector N` line report for the same failed request.
+    Sector(u64),
+    /// A file system's logical block on the named device (`Buffer I/O error on dev sda1,
+    /// logical block N`): a failed buffer, one line each.
+    LogicalBlock(u64),
 }
 
 impl FaultKey {
@@ -293,15 +313,17 @@ impl FaultKey {
             KernelEvent::Log(_) => None,
             KernelEvent::HungTask(h) => Some(FaultKey::HungTask(h.pid)),
             KernelEvent::OomKill(o) => Some(FaultKey::OomKill(o.pid)),
-            KernelEvent::BlockError(b) => Some(FaultKey::BlockError(disk_of(
-                &b.device.clone().unwrap_or_else(|| b.dev.to_string()),
-            ))),
+            KernelEvent::BlockError(b) => Some(FaultKey::BlockError {
+                device: disk_of(&b.device.clone().unwrap_or_else(|| b.dev.to_string())),
+                at: BlockAt::Sector(b.sector),
+            }),
         }
     }
 
     /// The fault a kernel message reports, recognised from the kernel's own wording:
     /// `task dd:1234 blocked for more than ...`, `Killed process 1234 (...)`,
-    /// `I/O error, dev sda, sector ...`, `Buffer I/O error on dev sda1, ...`.
+    /// `I/O error, dev sda, sector 2048 ...`, `Buffer I/O error on dev sda1, logical block 7`.
+    /// A block error line that does not say where is no known fault: every such line counts.
     pub fn of_message(message: &str) -> Option<Self> {
         if let Some(i) = message.find(" blocked for more than ") {
             let head = &message[..i];
@@ -311,17 +333,41 @@ impl FaultKey {
         }
         if let Some(i) = message.find("Killed process ") {
             let rest = &message[i + "Killed process ".len()..];
-            let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            return pid.parse().ok().map(FaultKey::OomKill);
+            return leading_number(rest).map(FaultKey::OomKill);
         }
-        for marker in [" error, dev ", "I/O error on dev ", "I/O error on device "] {
-            if let Some(i) = message.find(marker) {
-                let rest = &message[i + marker.len()..];
-                let dev = rest.split([',', ' ']).next().unwrap_or_default();
-                if !dev.is_empty() {
-                    return Some(FaultKey::BlockError(disk_of(dev)));
-                }
+        for (marker, place, at) in [
+            (
+                " error, dev ",
+                ", sector ",
+                BlockAt::Sector as fn(u64) -> BlockAt,
+            ),
+            (
+                "I/O error on dev ",
+                ", logical block ",
+                BlockAt::LogicalBlock,
+            ),
+            (
+                "I/O error on device ",
+                ", logical block ",
+                BlockAt::LogicalBlock,
+            ),
+        ] {
+            let Some(i) = message.find(marker) else {
+                continue;
+            };
+            let rest = &message[i + marker.len()..];
+            let dev = rest.split([',', ' ']).next().unwrap_or_default();
+            let n = rest[dev.len()..]
+                .strip_prefix(place)
+                .and_then(leading_number)?;
+            if dev.is_empty() {
+                return None;
             }
+            let device = match at(n) {
+                BlockAt::Sector(_) => disk_of(dev),
+                BlockAt::LogicalBlock(_) => dev.to_owned(),
+            };
+            return Some(FaultKey::BlockError { device, at: at(n) });
         }
         None
     }
@@ -331,9 +377,18 @@ impl FaultKey {
         match self {
             FaultKey::HungTask(_) => EventKind::HungTask,
             FaultKey::OomKill(_) => EventKind::OomKill,
-            FaultKey::BlockError(_) => EventKind::BlockError,
+            FaultKey::BlockError { .. } => EventKind::BlockError,
         }
     }
+}
+
+/// The decimal number at the start of `text`.
+fn leading_number<T: std::str::FromStr>(text: &str) -> Option<T> {
+    let end = text
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(text.len());
+    text[..end].parse().ok()
 }
 
 /// The disk a block device name belongs to: `sda1` -> `sda`, `nvme0n1p2` -> `nvme0n1`,
@@ -412,6 +467,20 @@ mod tests {
         );
     }
 
+    fn sector(device: &str, n: u64) -> Option<FaultKey> {
+        Some(FaultKey::BlockError {
+            device: device.into(),
+            at: BlockAt::Sector(n),
+        })
+    }
+
+    fn logical(device: &str, n: u64) -> Option<FaultKey> {
+        Some(FaultKey::BlockError {
+            device: device.into(),
+            at: BlockAt::LogicalBlock(n),
+        })
+    }
+
     #[test]
     fn fault_keys_from_kernel_text() {
         for (msg, key) in [
@@ -437,23 +506,40 @@ mod tests {
             ),
             (
                 "I/O error, dev loop0, sector 24576 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 2",
-                Some(FaultKey::BlockError("loop0".into())),
+                sector("loop0", 24576),
+            ),
+            (
+                "blk_update_request: I/O error, dev sda1, sector 2048",
+                sector("sda", 2048),
+            ),
+            (
+                "critical medium error, dev nvme0n1p1, sector 99 op 0x1:(WRITE)",
+                sector("nvme0n1", 99),
             ),
             (
                 "Buffer I/O error on dev sda1, logical block 3072, async page read",
-                Some(FaultKey::BlockError("sda".into())),
+                logical("sda1", 3072),
             ),
             (
                 "Buffer I/O error on device nvme0n1p2, logical block 1",
-                Some(FaultKey::BlockError("nvme0n1".into())),
+                logical("nvme0n1p2", 1),
             ),
+            // Where is not said: not a known fault (each line is a problem, as in NPD).
+            ("I/O error, dev sda, sector", None),
+            ("Buffer I/O error on dev sda1, async page read", None),
+            ("Buffer I/O error on dev , logical block 3", None),
             ("EXT4-fs error (device sda1): oops", None),
         ] {
             assert_eq!(FaultKey::of_message(msg), key, "{msg:?}");
         }
         assert_eq!(
             FaultKey::of_event(&block(Some("loop0"))),
-            Some(FaultKey::BlockError("loop0".into()))
+            sector("loop0", 24576)
+        );
+        // The text and the tracepoint of one failed request are one fault.
+        assert_eq!(
+            FaultKey::of_event(&block(Some("loop0"))),
+            FaultKey::of_message("I/O error, dev loop0, sector 24576 op 0x0:(READ) flags 0x0")
         );
     }
 

@@ -10,6 +10,8 @@ use std::{
 
 use tokio::time::Instant;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use crate::problem::{Condition, ConditionStatus};
 
 /// What matters of a condition for deciding whether the Node must be written: status, reason
@@ -56,14 +58,27 @@ impl ConditionBook {
     }
 
     /// Takes over the state the Node already has for the conditions npd owns, so that an agent
-    /// restart does not flip them back to their defaults. `found` holds the Node's conditions.
-    pub(super) fn adopt(&mut self, found: impl IntoIterator<Item = Condition>) {
+    /// restart does not flip them back to their defaults. `found` holds the Node's conditions;
+    /// returns the ones taken over. What the Node lacks is to be written (a Node registered
+    /// again after it was deleted has none of npd's conditions).
+    pub(super) fn adopt(&mut self, found: impl IntoIterator<Item = Condition>) -> Vec<Condition> {
+        for entry in self.entries.values_mut() {
+            entry.written = None;
+        }
+        let mut adopted = Vec::new();
         for c in found {
             if let Some(entry) = self.entries.get_mut(&c.type_) {
                 entry.written = Some(Written::of(&c));
-                entry.desired = c;
+                entry.desired = c.clone();
+                adopted.push(c);
             }
         }
+        adopted
+    }
+
+    /// Whether npd owns (is configured for) this condition type.
+    pub(super) fn owns(&self, type_: &str) -> bool {
+        self.entries.contains_key(type_)
     }
 
     /// Sets the desired state of one condition (a type not seen before becomes owned too).
@@ -111,7 +126,54 @@ impl ConditionBook {
     }
 }
 
-/// What identifies repeats of one Event: same source, type, reason and message.
+/// The condition types the field manager `manager` owns on `node` and no other manager does:
+/// those npd wrote itself (known from the Node's `managedFields`, never guessed from a type's
+/// name). Ownership of a condition means owning one of its fields (`f:status`, `f:reason`...)
+/// under `f:status` / `f:conditions` / `k:{"type":"..."}`.
+pub(super) fn conditions_owned_only_by(node: &ObjectMeta, manager: &str) -> Vec<String> {
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for entry in node.managed_fields.iter().flatten() {
+        let Some(fields) = entry.fields_v1.as_ref() else {
+            continue;
+        };
+        let Some(conditions) = fields.0.get("f:status").and_then(|s| s.get("f:conditions")) else {
+            continue;
+        };
+        let Some(items) = conditions.as_object() else {
+            continue;
+        };
+        for (key, owned) in items {
+            let Some(type_) = key
+                .strip_prefix("k:")
+                .and_then(|k| serde_json::from_str::<serde_json::Value>(k).ok())
+                .and_then(|k| k.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+            else {
+                continue;
+            };
+            let owns_a_field = owned
+                .as_object()
+                .is_some_and(|o| o.keys().any(|k| k.starts_with("f:")));
+            if !owns_a_field {
+                continue;
+            }
+            if entry.manager.as_deref() == Some(manager) {
+                ours.push(type_);
+            } else {
+                theirs.push(type_);
+            }
+        }
+    }
+    ours.retain(|t| !theirs.contains(t));
+    ours.sort();
+    ours.dedup();
+    ours
+}
+
+/// What identifies repeats of one Event: the same source, type and reason about the same
+/// object (npd's Events are all about its Node). Distinct faults of one reason (two OOM
+/// victims, two failed sectors) are repeats too: one Event with their `count`, whose message
+/// is the newest one, as Kubernetes' own event correlator aggregates similar events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct EventKey {
     /// The rule file's `source` (Event `source.component`).
@@ -119,18 +181,49 @@ pub(super) struct EventKey {
     /// Event `type`: `Warning` or `Normal`.
     pub(super) type_: &'static str,
     pub(super) reason: String,
-    pub(super) message: String,
 }
+
+/// Kubernetes' prefix for the message of an Event that aggregates similar ones.
+pub(super) const COMBINED_PREFIX: &str = "(combined from similar events): ";
 
 /// One Event waiting to be posted, with the repeats folded into it while it waited.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct PendingEvent {
     pub(super) key: EventKey,
+    /// The newest occurrence's message.
+    pub(super) message: String,
+    /// Whether occurrences with other messages were folded in.
+    pub(super) combined: bool,
     /// Occurrences (at least 1).
     pub(super) count: u32,
     /// When the first and the last occurrence happened.
     pub(super) first: SystemTime,
     pub(super) last: SystemTime,
+    /// The Event's name once a create was attempted: a retry (after a timeout whose create
+    /// may have landed) uses the same name, so it finds its own Event (409) instead of making
+    /// a second one.
+    pub(super) name: Option<String>,
+}
+
+impl PendingEvent {
+    /// The message to write: the newest one, marked when similar ones were folded in.
+    pub(super) fn display_message(&self) -> String {
+        if self.combined {
+            format!("{COMBINED_PREFIX}{}", self.message)
+        } else {
+            self.message.clone()
+        }
+    }
+
+    fn fold(&mut self, later: PendingEvent) {
+        self.count = self.count.saturating_add(later.count);
+        self.combined |= later.combined || later.message != self.message;
+        if later.last >= self.last {
+            self.message = later.message;
+        }
+        self.first = self.first.min(later.first);
+        self.last = self.last.max(later.last);
+    }
 }
 
 /// What [`EventQueue::push`] did with an occurrence.
@@ -144,7 +237,9 @@ pub(super) enum Pushed {
     Dropped,
 }
 
-/// A bounded FIFO of Events waiting to be posted; repeats of a waiting Event are folded into it.
+/// A bounded queue of Events waiting to be posted; repeats of a waiting Event are folded into
+/// it. Taken in order, except that an Event whose key was written too recently waits (see
+/// [`EventQueue::pop_ready`]).
 #[derive(Debug)]
 pub(super) struct EventQueue {
     items: VecDeque<PendingEvent>,
@@ -159,36 +254,52 @@ impl EventQueue {
         }
     }
 
-    pub(super) fn push(&mut self, key: EventKey, at: SystemTime) -> Pushed {
-        if let Some(waiting) = self.items.iter_mut().find(|e| e.key == key) {
-            waiting.count = waiting.count.saturating_add(1);
-            waiting.last = waiting.last.max(at);
+    pub(super) fn push(&mut self, key: EventKey, message: String, at: SystemTime) -> Pushed {
+        let occurrence = PendingEvent {
+            key,
+            message,
+            combined: false,
+            count: 1,
+            first: at,
+            last: at,
+            name: None,
+        };
+        if let Some(waiting) = self.items.iter_mut().find(|e| e.key == occurrence.key) {
+            waiting.fold(occurrence);
             return Pushed::Merged;
         }
         if self.items.len() >= self.capacity {
             return Pushed::Dropped;
         }
-        self.items.push_back(PendingEvent {
-            key,
-            count: 1,
-            first: at,
-            last: at,
-        });
+        self.items.push_back(occurrence);
         Pushed::Queued
     }
 
-    pub(super) fn pop(&mut self) -> Option<PendingEvent> {
-        self.items.pop_front()
+    /// The first Event whose key may be written at `now` (`ready_at` says when a key may be
+    /// written next); otherwise `Err` with the earliest time one will be ready (`None` when the
+    /// queue is empty).
+    pub(super) fn pop_ready(
+        &mut self,
+        now: Instant,
+        ready_at: impl Fn(&EventKey) -> Option<Instant>,
+    ) -> Result<PendingEvent, Option<Instant>> {
+        let mut earliest: Option<Instant> = None;
+        for (i, e) in self.items.iter().enumerate() {
+            match ready_at(&e.key) {
+                Some(at) if at > now => earliest = Some(earliest.map_or(at, |x| x.min(at))),
+                _ => return Ok(self.items.remove(i).expect("index in range")),
+            }
+        }
+        Err(earliest)
     }
 
     /// Puts back an Event that could not be posted, first in line, folding in any repeats
     /// queued meanwhile. May exceed the capacity by one: nothing already accepted is lost.
     pub(super) fn requeue(&mut self, mut event: PendingEvent) {
-        if let Some(i) = self.items.iter().position(|e| e.key == event.key) {
-            let later = self.items.remove(i).expect("index from position");
-            event.count = event.count.saturating_add(later.count);
-            event.first = event.first.min(later.first);
-            event.last = event.last.max(later.last);
+        if let Some(i) = self.items.iter().position(|e| e.key == event.key)
+            && let Some(later) = self.items.remove(i)
+        {
+            event.fold(later);
         }
         self.items.push_front(event);
     }
@@ -210,8 +321,23 @@ pub(super) struct PostedEvent {
     pub(super) name: String,
     /// Its `count`.
     pub(super) count: u32,
+    /// The newest occurrence's message.
+    pub(super) message: String,
+    /// Whether its message aggregates similar ones.
+    pub(super) combined: bool,
     /// When it was last created or updated.
-    updated: Instant,
+    pub(super) updated: Instant,
+}
+
+impl PostedEvent {
+    /// Folds `event` into what was posted: the Event's new count, and whether its message then
+    /// combines several.
+    pub(super) fn with(&self, event: &PendingEvent) -> PendingEvent {
+        let mut next = event.clone();
+        next.count = self.count.saturating_add(event.count);
+        next.combined |= self.combined || self.message != event.message;
+        next
+    }
 }
 
 /// The Events posted within the aggregation window, by key. Bounded in size.
@@ -239,12 +365,19 @@ impl PostedEvents {
             .filter(|p| now.saturating_duration_since(p.updated) < self.window)
     }
 
+    /// When `key` may be written again, `min_interval` after its last write: repeats in a
+    /// burst are folded into one write per interval.
+    pub(super) fn ready_at(&self, key: &EventKey, min_interval: Duration) -> Option<Instant> {
+        self.by_key.get(key).map(|p| p.updated + min_interval)
+    }
+
     pub(super) fn forget(&mut self, key: &EventKey) {
         self.by_key.remove(key);
     }
 
-    /// Records that the Event `name` for `key` now has `count`.
-    pub(super) fn record(&mut self, key: EventKey, name: String, count: u32, now: Instant) {
+    /// Records that the Event `name` now shows `event` (its key, count and message).
+    pub(super) fn record(&mut self, event: &PendingEvent, name: String, now: Instant) {
+        let key = event.key.clone();
         if self.by_key.len() >= POSTED_CAPACITY && !self.by_key.contains_key(&key) {
             let window = self.window;
             self.by_key
@@ -263,7 +396,9 @@ impl PostedEvents {
             key,
             PostedEvent {
                 name,
-                count,
+                count: event.count,
+                message: event.message.clone(),
+                combined: event.combined,
                 updated: now,
             },
         );
@@ -403,7 +538,6 @@ mod tests {
             source: "kernel-monitor".into(),
             type_: "Warning",
             reason: reason.into(),
-            message: "m".into(),
         }
     }
 
@@ -411,36 +545,141 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(s)
     }
 
+    fn pending(reason: &str) -> PendingEvent {
+        let mut q = EventQueue::new(1);
+        q.push(key(reason), "m".into(), at(1));
+        pop(&mut q).unwrap()
+    }
+
+    #[test]
+    fn aggregating_into_a_posted_event() {
+        let mut posted = PostedEvents::new(Duration::from_secs(600));
+        let first = pending("A");
+        posted.record(&first, "node.1".into(), Instant::now());
+        let p = posted.get(&key("A"), Instant::now()).unwrap().clone();
+        let same = p.with(&first);
+        assert_eq!((same.count, same.display_message().as_str()), (2, "m"));
+        let mut other = pending("A");
+        other.message = "n".into();
+        let next = p.with(&other);
+        assert_eq!(
+            (next.count, next.display_message().as_str()),
+            (2, "(combined from similar events): n")
+        );
+    }
+
+    #[test]
+    fn ownership_of_conditions_comes_from_managed_fields() {
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n", "managedFields": [
+                {"manager": "npd", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {
+                    "f:status": {"f:conditions": {
+                        ".": {},
+                        "k:{\"type\":\"KernelDeadlock\"}": {".": {}, "f:status": {}, "f:reason": {}},
+                        "k:{\"type\":\"StaleNpd\"}": {".": {}, "f:status": {}},
+                        "k:{\"type\":\"Shared\"}": {".": {}, "f:status": {}}
+                    }}}},
+                {"manager": "kubelet", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {
+                    "f:status": {"f:conditions": {
+                        "k:{\"type\":\"Ready\"}": {".": {}, "f:status": {}},
+                        "k:{\"type\":\"Shared\"}": {"f:message": {}},
+                        "k:{\"type\":\"StaleNpd\"}": {".": {}}
+                    }}}},
+                {"manager": "node-problem-detector", "operation": "Update", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:status": {"f:conditions": {
+                        "k:{\"type\":\"FrequentDockerRestart\"}": {".": {}, "f:status": {}}}}}},
+                {"manager": "npd", "operation": "Update", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:metadata": {"f:labels": {}}}}
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(
+            conditions_owned_only_by(&node.metadata, "npd"),
+            ["KernelDeadlock", "StaleNpd"],
+            "Shared has a field another manager owns; kubelet's and NPD's are not npd's"
+        );
+        assert!(conditions_owned_only_by(&ObjectMeta::default(), "npd").is_empty());
+    }
+
+    fn pop(q: &mut EventQueue) -> Option<PendingEvent> {
+        q.pop_ready(Instant::now(), |_| None).ok()
+    }
+
     #[test]
     fn queue_folds_repeats_and_is_bounded() {
         let mut q = EventQueue::new(2);
-        assert_eq!(q.push(key("A"), at(1)), Pushed::Queued);
-        assert_eq!(q.push(key("B"), at(2)), Pushed::Queued);
-        assert_eq!(q.push(key("A"), at(3)), Pushed::Merged);
-        assert_eq!(q.push(key("C"), at(4)), Pushed::Dropped);
-        let a = q.pop().unwrap();
+        assert_eq!(q.push(key("A"), "m".into(), at(1)), Pushed::Queued);
+        assert_eq!(q.push(key("B"), "m".into(), at(2)), Pushed::Queued);
+        assert_eq!(q.push(key("A"), "m".into(), at(3)), Pushed::Merged);
+        assert_eq!(q.push(key("C"), "m".into(), at(4)), Pushed::Dropped);
+        let a = pop(&mut q).unwrap();
         assert_eq!(
             (a.key.reason.as_str(), a.count, a.first, a.last),
             ("A", 2, at(1), at(3))
         );
+        assert_eq!(
+            a.display_message(),
+            "m",
+            "the same message is not a combination"
+        );
         // A failed post goes back first; repeats queued meanwhile are folded in.
-        assert_eq!(q.push(key("A"), at(5)), Pushed::Queued);
+        assert_eq!(q.push(key("A"), "m".into(), at(5)), Pushed::Queued);
         q.requeue(a);
         assert_eq!(q.len(), 2);
-        let a = q.pop().unwrap();
+        let a = pop(&mut q).unwrap();
         assert_eq!(
             (a.key.reason.as_str(), a.count, a.first, a.last),
             ("A", 3, at(1), at(5))
         );
-        assert_eq!(q.pop().unwrap().key.reason, "B");
-        assert_eq!(q.pop(), None);
+        assert_eq!(pop(&mut q).unwrap().key.reason, "B");
+        assert_eq!(pop(&mut q), None);
+    }
+
+    #[test]
+    fn distinct_faults_of_one_reason_are_one_event_with_the_newest_message() {
+        let mut q = EventQueue::new(8);
+        for n in 0..166 {
+            let pushed = q.push(
+                key("IOError"),
+                format!("Buffer I/O error, logical block {n}"),
+                at(n),
+            );
+            assert_eq!(
+                pushed,
+                if n == 0 {
+                    Pushed::Queued
+                } else {
+                    Pushed::Merged
+                }
+            );
+        }
+        let e = pop(&mut q).unwrap();
+        assert_eq!(e.count, 166);
+        assert_eq!(
+            e.display_message(),
+            "(combined from similar events): Buffer I/O error, logical block 165"
+        );
+    }
+
+    #[test]
+    fn a_key_written_recently_waits_its_turn() {
+        let now = Instant::now();
+        let mut q = EventQueue::new(8);
+        q.push(key("A"), "m".into(), at(1));
+        q.push(key("B"), "m".into(), at(2));
+        let later = now + Duration::from_secs(1);
+        let ready = |k: &EventKey| (k.reason == "A").then_some(later);
+        assert_eq!(q.pop_ready(now, ready).unwrap().key.reason, "B");
+        assert_eq!(q.pop_ready(now, ready), Err(Some(later)));
+        assert_eq!(q.pop_ready(later, ready).unwrap().key.reason, "A");
+        assert_eq!(q.pop_ready(later, ready), Err(None));
     }
 
     #[test]
     fn posted_events_expire_after_the_window() {
         let now = Instant::now();
         let mut posted = PostedEvents::new(Duration::from_secs(600));
-        posted.record(key("A"), "node.1".into(), 1, now);
+        posted.record(&pending("A"), "node.1".into(), now);
         assert_eq!(
             posted
                 .get(&key("A"), now + Duration::from_secs(599))
@@ -454,6 +693,10 @@ mod tests {
                 .is_none()
         );
         assert!(posted.get(&key("B"), now).is_none());
+        assert_eq!(
+            posted.ready_at(&key("A"), Duration::from_secs(1)),
+            Some(now + Duration::from_secs(1))
+        );
         posted.forget(&key("A"));
         assert!(posted.get(&key("A"), now).is_none());
     }
@@ -464,9 +707,8 @@ mod tests {
         let mut posted = PostedEvents::new(Duration::from_secs(600));
         for i in 0..POSTED_CAPACITY + 10 {
             posted.record(
-                key(&i.to_string()),
+                &pending(&i.to_string()),
                 format!("n.{i}"),
-                1,
                 now + Duration::from_millis(i as u64),
             );
         }

@@ -85,8 +85,13 @@ pub struct K8sStats {
     /// Since when every API call has failed (`None` while the last call succeeded or before
     /// the first one).
     pub api_failing_since: Option<SystemTime>,
-    /// Whether the exporter task is running (false once it ended, or if it panicked).
+    /// Whether the exporter tasks are running (false once one ended, or if one panicked).
     pub running: bool,
+    /// Condition writes the API server rejected (422 and other 4xx), dropped.
+    pub condition_writes_rejected: u64,
+    /// What keeps the exporter from doing its job now (the Node missing, a permission
+    /// missing), for `/healthz`; `None` when nothing does.
+    pub problem: Option<String>,
 }
 
 impl K8sStats {
@@ -119,10 +124,13 @@ pub(super) struct Counters {
     /// Unix time in nanoseconds of the first failure since the last success; 0 when none.
     failing_since_nanos: AtomicU64,
     pub(super) running: AtomicBool,
+    pub(super) condition_writes_rejected: AtomicU64,
 }
 
 impl Counters {
-    pub(super) fn record_call(&self, call: ApiCall, ok: bool, latency: Duration) {
+    /// Counts a call: `ok` when it succeeded, `answered` when the server gave an answer that
+    /// is not a server error (a refusal is an answer: the server is available).
+    pub(super) fn record_call(&self, call: ApiCall, ok: bool, answered: bool, latency: Duration) {
         let c = &self.calls[call as usize];
         if ok { &c.ok } else { &c.failed }.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
@@ -133,8 +141,8 @@ impl Counters {
                 count.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.api_available.store(ok, Ordering::Relaxed);
-        if ok {
+        self.api_available.store(answered, Ordering::Relaxed);
+        if answered {
             self.failing_since_nanos.store(0, Ordering::Relaxed);
         } else {
             let now = SystemTime::now()
@@ -184,6 +192,8 @@ impl Counters {
                 n => Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(n)),
             },
             running: self.running.load(Ordering::Relaxed),
+            condition_writes_rejected: get(&self.condition_writes_rejected),
+            problem: None,
         }
     }
 }
@@ -195,9 +205,19 @@ mod tests {
     #[test]
     fn calls_land_in_their_kind_and_buckets() {
         let c = Counters::default();
-        c.record_call(ApiCall::PatchNodeStatus, true, Duration::from_millis(3));
-        c.record_call(ApiCall::PatchNodeStatus, false, Duration::from_millis(30));
-        c.record_call(ApiCall::CreateEvent, true, Duration::from_secs(20));
+        c.record_call(
+            ApiCall::PatchNodeStatus,
+            true,
+            true,
+            Duration::from_millis(3),
+        );
+        c.record_call(
+            ApiCall::PatchNodeStatus,
+            false,
+            false,
+            Duration::from_millis(30),
+        );
+        c.record_call(ApiCall::CreateEvent, true, true, Duration::from_secs(20));
         let s = c.snapshot(0);
         let status = s.call(ApiCall::PatchNodeStatus);
         assert_eq!((status.ok, status.failed), (1, 1));
@@ -212,14 +232,30 @@ mod tests {
         assert!(s.api_available);
         assert_eq!(s.api_failing_since, None, "the last call succeeded");
         assert_eq!(s.call(ApiCall::GetNode), &CallStats::default());
-        c.record_call(ApiCall::PatchNodeStatus, false, Duration::from_millis(1));
+        c.record_call(
+            ApiCall::PatchNodeStatus,
+            false,
+            false,
+            Duration::from_millis(1),
+        );
         let since = c.snapshot(0).api_failing_since.expect("failing");
-        c.record_call(ApiCall::PatchNodeStatus, false, Duration::from_millis(1));
+        c.record_call(
+            ApiCall::PatchNodeStatus,
+            false,
+            false,
+            Duration::from_millis(1),
+        );
         assert_eq!(
             c.snapshot(0).api_failing_since,
             Some(since),
             "since the first failure"
         );
+        // A refusal is an answer: the server is available, the call failed.
+        c.record_call(ApiCall::CreateEvent, false, true, Duration::from_millis(1));
+        let s = c.snapshot(0);
+        assert!(s.api_available);
+        assert_eq!(s.api_failing_since, None);
+        assert_eq!(s.call(ApiCall::CreateEvent).failed, 1);
         for (i, call) in ApiCall::ALL.iter().enumerate() {
             assert_eq!(*call as usize, i);
         }
