@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
     }
     // aya-build watches the eBPF crate's directory; the shared records live here.
     println!("cargo:rerun-if-changed=../npd-common");
+    use_cached_bpf_linker();
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -39,4 +40,42 @@ fn main() -> anyhow::Result<()> {
         aya_build::Toolchain::default(),
     )
     .context("building the eBPF programs (is `cargo xtask setup` done?)")
+}
+
+/// `cargo xtask setup` builds bpf-linker into its cache (`$NPD_CACHE`, else
+/// `$XDG_CACHE_HOME/npd`, else `~/.cache/npd`), outside the checkout. When bpf-linker is not on
+/// PATH, the newest cached one that runs is put first on PATH for the eBPF build, so that plain
+/// `cargo build`, `cargo test` and `cargo clippy` work after setup.
+fn use_cached_bpf_linker() {
+    println!("cargo:rerun-if-env-changed=NPD_CACHE");
+    println!("cargo:rerun-if-env-changed=PATH");
+    let path = env::var_os("PATH").unwrap_or_default();
+    if env::split_paths(&path).any(|d| d.join("bpf-linker").is_file()) {
+        return;
+    }
+    let cache = env::var_os("NPD_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("npd")))
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/npd")));
+    let Some(cache) = cache else { return };
+    let newest = fs::read_dir(&cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bpf-linker-"))
+        .map(|e| e.path().join("bin"))
+        .filter(|bin| {
+            std::process::Command::new(bin.join("bpf-linker"))
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .max_by_key(|bin| bin.metadata().and_then(|m| m.modified()).ok());
+    if let Some(bin) = newest {
+        let joined =
+            env::join_paths(std::iter::once(bin).chain(env::split_paths(&path))).unwrap_or(path);
+        // SAFETY: the build script is single-threaded; the variable is read by the cargo
+        // process aya-build starts next.
+        unsafe { env::set_var("PATH", joined) };
+    }
 }

@@ -13,9 +13,7 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::Full;
-use hyper::{
-    Method, Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn,
-};
+use hyper::{Method, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 
@@ -55,10 +53,24 @@ impl Reply {
     }
 }
 
+/// One request, as the routes see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The path.
+    pub path: &'a str,
+    /// The raw query string (empty when there is none).
+    pub query: &'a str,
+    /// Whether it came in through a loopback address of this host (the connection's local
+    /// address is 127.0.0.0/8 or ::1): only processes on the host can make such requests.
+    pub loopback: bool,
+}
+
 /// What a listener answers.
 pub trait Routes: Send + Sync + 'static {
-    /// Answers one request. `query` is the raw query string (empty when there is none).
-    fn respond(&self, method: &Method, path: &str, query: &str) -> Reply;
+    /// Answers one request.
+    fn respond(&self, req: Request<'_>) -> Reply;
 }
 
 /// `/metrics`.
@@ -69,8 +81,8 @@ pub struct MetricsRoutes {
 }
 
 impl Routes for MetricsRoutes {
-    fn respond(&self, method: &Method, path: &str, _query: &str) -> Reply {
-        match (path, method) {
+    fn respond(&self, req: Request<'_>) -> Reply {
+        match (req.path, req.method) {
             ("/metrics", &Method::GET | &Method::HEAD) => Reply {
                 status: 200,
                 content_type: metrics::CONTENT_TYPE,
@@ -103,7 +115,13 @@ pub struct HealthRoutes {
 }
 
 impl Routes for HealthRoutes {
-    fn respond(&self, method: &Method, path: &str, query: &str) -> Reply {
+    fn respond(&self, req: Request<'_>) -> Reply {
+        let Request {
+            method,
+            path,
+            query,
+            loopback,
+        } = req;
         let get = matches!(*method, Method::GET | Method::HEAD);
         match path {
             "/healthz" if get => {
@@ -116,8 +134,10 @@ impl Routes for HealthRoutes {
                 body: format!("{}\n", self.conditions.to_json()),
             },
             "/healthz" | "/conditions" => Reply::method_not_allowed(),
+            // The test controls answer only on loopback, whatever --address says.
             p if p.starts_with("/debug/") => match &self.debug {
                 None => Reply::not_found(),
+                Some(_) if !loopback => Reply::not_found(),
                 Some(_) if *method != Method::POST => Reply::method_not_allowed(),
                 Some(debug) => debug.respond(path, query),
             },
@@ -246,12 +266,29 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> std::io::Result<TcpListener> 
         .map_err(|e| std::io::Error::new(e.kind(), format!("listening on {addr} ({flag}): {e}")))
 }
 
-/// Serves `routes` on `listener` until the task is aborted.
+/// At most this many connections are served at once per listener; a connection beyond it is
+/// closed at once (and counted), so that a flood of connections costs bounded memory.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A connection that sends no complete request head for this long is closed: a slow client,
+/// or an idle keep-alive connection between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections closed at once because [`MAX_CONNECTIONS`] were open, over all listeners.
+pub static CONNECTIONS_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Serves `routes` on `listener` until the task is aborted: HTTP/1.1, at most
+/// [`MAX_CONNECTIONS`] at once, each closed after [`IDLE_TIMEOUT`] without a request. No
+/// request body is ever read: a request that has one is answered and its connection closed.
 pub fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) -> JoinHandle<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+            let (stream, local) = match listener.accept().await {
+                Ok((stream, _)) => {
+                    let local = stream.local_addr().ok();
+                    (stream, local)
+                }
                 Err(e) => {
                     // Out of descriptors and the like: do not spin.
                     tracing::warn!("accepting an HTTP connection: {e}");
@@ -259,20 +296,48 @@ pub fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) -> JoinHandle<()>
                     continue;
                 }
             };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                let refused =
+                    CONNECTIONS_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        refused = refused + 1,
+                        "{MAX_CONNECTIONS} HTTP connections open: closing new ones"
+                    );
+                }
+                drop(stream);
+                continue;
+            };
+            let loopback = local.is_some_and(|a| a.ip().is_loopback());
             let routes = routes.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let reply = routes.respond(
-                        req.method(),
-                        req.uri().path(),
-                        req.uri().query().unwrap_or(""),
-                    );
+                let _slot = slot;
+                let service = service_fn(move |req: Request_| {
+                    let reply = routes.respond(Request {
+                        method: req.method(),
+                        path: req.uri().path(),
+                        query: req.uri().query().unwrap_or(""),
+                        loopback,
+                    });
                     let head = *req.method() == Method::HEAD;
-                    async move { Ok::<_, Infallible>(to_response(reply, head)) }
+                    let has_body = req.headers().contains_key(hyper::header::TRANSFER_ENCODING)
+                        || req
+                            .headers()
+                            .get(hyper::header::CONTENT_LENGTH)
+                            .is_some_and(|v| v.as_bytes() != b"0");
+                    let mut response = to_response(reply, head);
+                    if has_body {
+                        // The body is never read: this connection cannot be reused.
+                        response.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    async move { Ok::<_, Infallible>(response) }
                 });
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(IDLE_TIMEOUT)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = connection.await {
@@ -282,6 +347,8 @@ pub fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) -> JoinHandle<()>
         }
     })
 }
+
+type Request_ = hyper::Request<hyper::body::Incoming>;
 
 fn to_response(reply: Reply, head: bool) -> Response<Full<Bytes>> {
     let body = if head {
@@ -306,6 +373,36 @@ mod tests {
     use super::*;
     use crate::sensor::{ActiveSource, SensorStats};
 
+    fn req<'a>(method: &'a Method, path: &'a str, query: &'a str) -> Request<'a> {
+        Request {
+            method,
+            path,
+            query,
+            loopback: true,
+        }
+    }
+
+    #[test]
+    fn debug_endpoints_answer_only_on_loopback() {
+        let (routes, _, _rx) = routes(true);
+        let from_outside = Request {
+            loopback: false,
+            ..req(&Method::POST, "/debug/report", "reason=KernelOops")
+        };
+        assert_eq!(routes.respond(from_outside).status, 404);
+        let health = Request {
+            loopback: false,
+            ..req(&Method::GET, "/healthz", "")
+        };
+        assert_eq!(routes.respond(health).status, 200);
+        assert_eq!(
+            routes
+                .respond(req(&Method::POST, "/debug/report", "reason=KernelOops"))
+                .status,
+            202
+        );
+    }
+
     fn routes(debug: bool) -> (HealthRoutes, Arc<SensorStats>, mpsc::Receiver<Report>) {
         let stats = Arc::new(SensorStats::default());
         stats.reading.store(true, Ordering::SeqCst);
@@ -325,11 +422,11 @@ mod tests {
     #[test]
     fn health_and_conditions() {
         let (routes, stats, _rx) = routes(false);
-        let reply = routes.respond(&Method::GET, "/healthz", "");
+        let reply = routes.respond(req(&Method::GET, "/healthz", ""));
         assert_eq!(reply.status, 200);
         assert!(reply.body.starts_with("ok\n"));
         stats.reading.store(false, Ordering::SeqCst);
-        let reply = routes.respond(&Method::GET, "/healthz", "");
+        let reply = routes.respond(req(&Method::GET, "/healthz", ""));
         assert_eq!(reply.status, 503);
         assert!(
             reply
@@ -338,13 +435,16 @@ mod tests {
             "{}",
             reply.body
         );
-        let reply = routes.respond(&Method::GET, "/conditions", "");
+        let reply = routes.respond(req(&Method::GET, "/conditions", ""));
         assert_eq!(
             (reply.status, reply.content_type, reply.body.as_str()),
             (200, "application/json", "[]\n")
         );
-        assert_eq!(routes.respond(&Method::POST, "/healthz", "").status, 405);
-        assert_eq!(routes.respond(&Method::GET, "/nope", "").status, 404);
+        assert_eq!(
+            routes.respond(req(&Method::POST, "/healthz", "")).status,
+            405
+        );
+        assert_eq!(routes.respond(req(&Method::GET, "/nope", "")).status, 404);
     }
 
     #[test]
@@ -352,13 +452,13 @@ mod tests {
         let (routes, _, _rx) = routes(false);
         assert_eq!(
             routes
-                .respond(&Method::POST, "/debug/sensor/kill-reader", "")
+                .respond(req(&Method::POST, "/debug/sensor/kill-reader", ""))
                 .status,
             404
         );
         assert_eq!(
             routes
-                .respond(&Method::POST, "/debug/report", "reason=KernelOops")
+                .respond(req(&Method::POST, "/debug/report", "reason=KernelOops"))
                 .status,
             404
         );
@@ -367,11 +467,11 @@ mod tests {
     #[test]
     fn debug_report_injection() {
         let (routes, _, mut rx) = routes(true);
-        let reply = routes.respond(
+        let reply = routes.respond(req(
             &Method::POST,
             "/debug/report",
             "reason=KernelOops&message=BUG%3A+unable+to+handle+kernel+NULL+pointer+dereference",
-        );
+        ));
         assert_eq!(reply.status, 202, "{}", reply.body);
         let Some(Report::Event(event)) = rx.try_recv().ok() else {
             panic!("no event queued")
@@ -388,36 +488,40 @@ mod tests {
                 "BUG: unable to handle kernel NULL pointer dereference"
             )
         );
-        let reply = routes.respond(
+        let reply = routes.respond(req(
             &Method::POST,
             "/debug/report",
             "kind=condition&type=KernelDeadlock&reason=DockerHung",
-        );
+        ));
         assert_eq!(reply.status, 202);
         assert!(
             matches!(rx.try_recv(), Ok(Report::Condition(c)) if c.condition.status == ConditionStatus::True)
         );
         assert_eq!(
             routes
-                .respond(&Method::POST, "/debug/report", "kind=condition&reason=X")
+                .respond(req(
+                    &Method::POST,
+                    "/debug/report",
+                    "kind=condition&reason=X"
+                ))
                 .status,
             400
         );
         assert_eq!(
             routes
-                .respond(&Method::GET, "/debug/report", "reason=X")
+                .respond(req(&Method::GET, "/debug/report", "reason=X"))
                 .status,
             405
         );
         assert_eq!(
             routes
-                .respond(&Method::POST, "/debug/sensor/kill-reader", "down=2s")
+                .respond(req(&Method::POST, "/debug/sensor/kill-reader", "down=2s"))
                 .status,
             202
         );
         assert_eq!(
             routes
-                .respond(&Method::POST, "/debug/sensor/kill-reader", "down=soon")
+                .respond(req(&Method::POST, "/debug/sensor/kill-reader", "down=soon"))
                 .status,
             400
         );
@@ -443,10 +547,10 @@ mod tests {
         let routes = MetricsRoutes {
             metrics: Arc::new(Metrics::new()),
         };
-        let reply = routes.respond(&Method::GET, "/metrics", "");
+        let reply = routes.respond(req(&Method::GET, "/metrics", ""));
         assert_eq!(reply.status, 200);
         assert_eq!(reply.content_type, metrics::CONTENT_TYPE);
         assert!(reply.body.contains("npd_build_info"));
-        assert_eq!(routes.respond(&Method::GET, "/", "").status, 404);
+        assert_eq!(routes.respond(req(&Method::GET, "/", "")).status, 404);
     }
 }

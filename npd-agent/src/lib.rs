@@ -12,6 +12,7 @@ pub mod dedup;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
+pub mod enrich;
 pub mod event;
 pub mod exporter;
 pub mod health;

@@ -292,6 +292,16 @@ const NPD_FAMILIES: &[(&str, &str, MetricType)] = &[
         MetricType::COUNTER,
     ),
     (
+        "npd_k8s_condition_writes_rejected_total",
+        "Node condition writes the API server rejected (422 or another 4xx), dropped.",
+        MetricType::COUNTER,
+    ),
+    (
+        "npd_http_connections_refused_total",
+        "HTTP connections closed at once because the listener had its maximum open.",
+        MetricType::COUNTER,
+    ),
+    (
         "npd_k8s_api_call_duration_seconds",
         "Latency of Kubernetes API calls, successful or not.",
         MetricType::HISTOGRAM,
@@ -437,8 +447,10 @@ impl Collector for NpdCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let sources = self.sources.read().unwrap_or_else(|e| e.into_inner());
+        let refused = crate::http::CONNECTIONS_REFUSED.load(std::sync::atomic::Ordering::Relaxed);
         let mut out = vec![
             Family::new("npd_build_info").sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0),
+            Family::new("npd_http_connections_refused_total").sample(&[], refused as f64),
         ];
         if let Some(sensor) = &sources.sensor {
             collect_sensor(sensor, &mut out);
@@ -487,6 +499,10 @@ fn collect_exporter(stats: &K8sStats, out: &mut Vec<Family>) {
     out.push(calls);
     out.push(latency);
     let flag = |b: bool| f64::from(u8::from(b));
+    out.push(
+        Family::new("npd_k8s_condition_writes_rejected_total")
+            .sample(&[], stats.condition_writes_rejected as f64),
+    );
     out.push(Family::new("npd_k8s_api_available").sample(&[], flag(stats.api_available)));
     out.push(Family::new("npd_k8s_node_adopted").sample(&[], flag(stats.node_adopted)));
     out.push(

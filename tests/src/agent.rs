@@ -220,10 +220,16 @@ impl Agent {
     }
 
     /// Sends SIGTERM, waits for exit (30 s at most) and returns the rest of its output.
-    pub fn stop(mut self) -> Stopped {
+    pub fn stop(self) -> Stopped {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// Waits for the agent to exit by itself (`timeout` at most; then it is killed and the
+    /// test fails) and returns the rest of its output.
+    pub fn wait_exit(mut self, timeout: Duration) -> Stopped {
+        let deadline = Instant::now() + timeout;
         let status = loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 break status;
@@ -231,7 +237,7 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 panic!(
-                    "npd-agent did not exit within 30 s of SIGTERM:\n{}",
+                    "npd-agent did not exit within {timeout:?}:\n{}",
                     self.stderr()
                 );
             }

@@ -223,25 +223,82 @@ pub fn start_hog(cmd: &mut Command) -> ChildGuard {
     guard
 }
 
-/// A cgroup v1 memory cgroup with a limit, removed on drop.
+/// A memory cgroup with a limit, removed on drop: on cgroup v2 when the host's unified
+/// hierarchy has the memory controller (Debian 12's default), else on cgroup v1's memory
+/// controller.
 pub struct MemCgroup(pub PathBuf);
 
 /// Where cgroup v1's memory controller is mounted.
-pub const MEMCG_ROOT: &str = "/sys/fs/cgroup/memory";
+pub const MEMCG_V1_ROOT: &str = "/sys/fs/cgroup/memory";
+/// Where the unified (v2) hierarchy is mounted.
+pub const CGROUP_V2_ROOT: &str = "/sys/fs/cgroup";
+
+/// Which memory controller this host offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryController {
+    /// cgroup v2: `memory` in `/sys/fs/cgroup/cgroup.controllers`.
+    V2,
+    /// cgroup v1: `/sys/fs/cgroup/memory`.
+    V1,
+}
+
+impl MemoryController {
+    /// The host's memory controller, v2 first; `Err` says why there is none.
+    pub fn detect() -> Result<Self, String> {
+        let v2 = Path::new(CGROUP_V2_ROOT).join("cgroup.controllers");
+        if std::fs::read_to_string(&v2).is_ok_and(|c| c.split_whitespace().any(|c| c == "memory")) {
+            return Ok(MemoryController::V2);
+        }
+        if Path::new(MEMCG_V1_ROOT)
+            .join("memory.limit_in_bytes")
+            .exists()
+        {
+            return Ok(MemoryController::V1);
+        }
+        Err(format!(
+            "no memory cgroup controller: neither `memory` in {} nor {MEMCG_V1_ROOT}",
+            v2.display()
+        ))
+    }
+}
 
 impl MemCgroup {
-    /// Creates a child cgroup limited to `mib` MiB of memory (and of memory+swap).
+    /// Creates a child cgroup limited to `mib` MiB of memory (and no swap beyond it).
     pub fn new(mib: u64) -> MemCgroup {
-        let dir = Path::new(MEMCG_ROOT).join(crate::unique("npd-test"));
+        let controller = MemoryController::detect().unwrap_or_else(|e| panic!("{e}"));
+        let limit = (mib << 20).to_string();
+        let root = match controller {
+            MemoryController::V2 => {
+                // Children get the memory controller from their parent's subtree_control.
+                let control = Path::new(CGROUP_V2_ROOT).join("cgroup.subtree_control");
+                let enabled = std::fs::read_to_string(&control).unwrap_or_default();
+                if !enabled.split_whitespace().any(|c| c == "memory") {
+                    std::fs::write(&control, "+memory").unwrap_or_else(|e| {
+                        panic!("enabling memory in {}: {e}", control.display())
+                    });
+                }
+                Path::new(CGROUP_V2_ROOT)
+            }
+            MemoryController::V1 => Path::new(MEMCG_V1_ROOT),
+        };
+        let dir = root.join(crate::unique("npd-test"));
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         let guard = MemCgroup(dir);
-        let limit = (mib << 20).to_string();
-        std::fs::write(guard.0.join("memory.limit_in_bytes"), &limit)
-            .expect("setting memory.limit_in_bytes");
+        let (limit_file, swap_file, swap_value) = match controller {
+            MemoryController::V2 => ("memory.max", "memory.swap.max", "0".to_string()),
+            MemoryController::V1 => (
+                "memory.limit_in_bytes",
+                "memory.memsw.limit_in_bytes",
+                limit.clone(),
+            ),
+        };
+        std::fs::write(guard.0.join(limit_file), &limit)
+            .unwrap_or_else(|e| panic!("setting {limit_file}: {e}"));
         // Without swap accounting the file is absent; the limit above is enough then.
-        let memsw = guard.0.join("memory.memsw.limit_in_bytes");
-        if memsw.exists() {
-            std::fs::write(memsw, &limit).expect("setting memory.memsw.limit_in_bytes");
+        let swap = guard.0.join(swap_file);
+        if swap.exists() {
+            std::fs::write(&swap, &swap_value)
+                .unwrap_or_else(|e| panic!("setting {swap_file}: {e}"));
         }
         guard
     }

@@ -74,6 +74,12 @@ pub fn have_root(test: &str) -> bool {
     )
 }
 
+/// True when the host has a memory cgroup controller (v2 or v1) for OOM tests; otherwise the
+/// test is skipped (or, in a strict run, fails).
+pub fn have_memory_cgroup(test: &str) -> bool {
+    prerequisite(test, kernel::MemoryController::detect().map(drop))
+}
+
 /// A name unique to this process and call, for markers, cgroups and files.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -24,7 +24,7 @@ use kube::{
 use npd_tests::{
     agent::Agent,
     apiserver::{ApiServer, node_condition},
-    faults, have_root,
+    faults, have_memory_cgroup, have_root,
     kernel::write_kmsg,
     serial, unique,
 };
@@ -330,10 +330,11 @@ async fn block_error(node: &TestNode) {
 fn one_fault(
     test: &str,
     node_name: &str,
+    needs_memory_cgroup: bool,
     fault: impl for<'a> FnOnce(&'a TestNode) -> std::pin::Pin<Box<dyn Future<Output = ()> + 'a>>,
 ) {
     let _serial = serial();
-    if !have_root(test) {
+    if !have_root(test) || (needs_memory_cgroup && !have_memory_cgroup(test)) {
         return;
     }
     let Some(server) = ApiServer::shared(test) else {
@@ -353,6 +354,7 @@ fn docker_hung_and_kernel_oops_lines_reach_the_node() {
     one_fault(
         "docker_hung_and_kernel_oops_lines_reach_the_node",
         "npd-e2e-lines",
+        false,
         |node| Box::pin(docker_hung_and_kernel_oops(node)),
     );
 }
@@ -362,6 +364,7 @@ fn a_real_oom_kill_posts_one_oomkilling_event() {
     one_fault(
         "a_real_oom_kill_posts_one_oomkilling_event",
         "npd-e2e-oom",
+        true,
         |node| Box::pin(oom_kill(node)),
     );
 }
@@ -371,6 +374,7 @@ fn a_real_block_error_posts_an_ioerror_event_naming_the_device() {
     one_fault(
         "a_real_block_error_posts_an_ioerror_event_naming_the_device",
         "npd-e2e-blk",
+        false,
         |node| Box::pin(block_error(node)),
     );
 }
@@ -379,7 +383,7 @@ fn a_real_block_error_posts_an_ioerror_event_naming_the_device() {
 fn kubelets_ready_condition_is_byte_for_byte_unchanged_after_every_fault() {
     const TEST: &str = "kubelets_ready_condition_is_byte_for_byte_unchanged_after_every_fault";
     let _serial = serial();
-    if !have_root(TEST) {
+    if !have_root(TEST) || !have_memory_cgroup(TEST) {
         return;
     }
     let Some(server) = ApiServer::shared(TEST) else {

@@ -12,7 +12,7 @@ use std::{
 use npd_tests::{
     agent::{Agent, agent_binary, is_kernel_event},
     faults::{HungWriter, failed_read, oom_kill},
-    have_root,
+    have_memory_cgroup, have_root,
     kernel::{Sysctl, write_kmsg},
     serial, unique,
 };
@@ -58,7 +58,9 @@ fn kmsg_line_arrives_with_its_exact_text_kmsg_source() {
 #[test]
 fn oom_kill_reports_victim_pid_and_comm() {
     let _serial = serial();
-    if !have_root("oom_kill_reports_victim_pid_and_comm") {
+    if !have_root("oom_kill_reports_victim_pid_and_comm")
+        || !have_memory_cgroup("oom_kill_reports_victim_pid_and_comm")
+    {
         return;
     }
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);

@@ -8,7 +8,7 @@ use std::{path::Path, process::Command, time::Duration};
 use npd_tests::{
     agent::{Agent, agent_binary},
     faults::{HungWriter, failed_read, oom_kill},
-    have_root,
+    have_memory_cgroup, have_root,
     kernel::write_kmsg,
     serial,
 };
@@ -105,7 +105,9 @@ fn current_kernel_wording_is_caught() {
 #[test]
 fn real_oom_kill_is_one_problem() {
     let _serial = serial();
-    if !have_root("real_oom_kill_is_one_problem") {
+    if !have_root("real_oom_kill_is_one_problem")
+        || !have_memory_cgroup("real_oom_kill_is_one_problem")
+    {
         return;
     }
     let agent = standalone_agent();

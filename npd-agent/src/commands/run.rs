@@ -19,6 +19,7 @@ use tokio::{
 use crate::{
     cli::{LogFormat, RunArgs},
     engine::{Engine, EngineStats},
+    enrich::Enricher,
     event::KernelEvent,
     exporter::k8s::{K8sConfig, K8sExporter, K8sHandle, K8sStats},
     health::{ConditionBoard, Health},
@@ -296,6 +297,7 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let enricher = Enricher::default();
     let stdout = std::io::stdout();
     let mut out = JsonLines::new(stdout.lock());
     let stop = loop {
@@ -306,16 +308,18 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             event = sensor.events.recv() => {
-                let Some(event) = event else {
+                let Some(mut event) = event else {
                     if sensor.stats.input_ended.load(Ordering::SeqCst) {
                         break Stop::InputEnded;
                     }
                     anyhow::bail!("the sensor stopped: {}", reader_error(&sensor));
                 };
+                enricher.enrich(&mut event).await;
                 handle(&args, &event, &mut out)?;
                 publisher.publish_all(&engine.handle(&event, SystemTime::now()), &mut out)?;
                 // Drain what is already queued before flushing, so a burst costs one write.
-                while let Ok(event) = sensor.events.try_recv() {
+                while let Ok(mut event) = sensor.events.try_recv() {
+                    enricher.enrich(&mut event).await;
                     handle(&args, &event, &mut out)?;
                     publisher.publish_all(&engine.handle(&event, SystemTime::now()), &mut out)?;
                 }
@@ -359,7 +363,8 @@ async fn run(args: RunArgs, mut engine: Engine) -> anyhow::Result<ExitCode> {
             "stdout is closed (EPIPE: its reader went away): stopping; nothing more is printed"
         ),
     }
-    while let Ok(event) = sensor.events.try_recv() {
+    while let Ok(mut event) = sensor.events.try_recv() {
+        enricher.enrich(&mut event).await;
         handle(&args, &event, &mut out)?;
         publisher.publish_all(&engine.handle(&event, SystemTime::now()), &mut out)?;
     }

@@ -1,46 +1,21 @@
 //! Resolves block device numbers to kernel names through sysfs (`/sys/dev/block/MAJ:MIN` is a
-//! link to the device's directory, named after it).
+//! link to the device's directory, named after it). Nothing is cached: dynamic numbers (NVMe
+//! `259:*`, device-mapper) are reused by other devices, and errors are rare, so each one is
+//! resolved when it happens. This is blocking file-system I/O: it runs off the ring reader
+//! (see [`crate::enrich`]).
 
-use std::{collections::HashMap, path::PathBuf};
+use std::path::{Path, PathBuf};
 
-use super::decode::DeviceNames;
 use crate::event::DevNum;
 
-/// Looks names up in `/sys/dev/block`, remembering what it found.
-#[derive(Debug)]
-pub struct SysfsDeviceNames {
-    root: PathBuf,
-    known: HashMap<DevNum, String>,
-}
+/// Where the device links are.
+pub const SYSFS_DEV_BLOCK: &str = "/sys/dev/block";
 
-impl Default for SysfsDeviceNames {
-    fn default() -> Self {
-        Self::new("/sys/dev/block")
-    }
-}
-
-impl SysfsDeviceNames {
-    /// Resolves under `root` instead of `/sys/dev/block`.
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self {
-            root: root.into(),
-            known: HashMap::new(),
-        }
-    }
-}
-
-impl DeviceNames for SysfsDeviceNames {
-    fn name(&mut self, dev: DevNum) -> Option<String> {
-        if let Some(name) = self.known.get(&dev) {
-            return Some(name.clone());
-        }
-        // A device number keeps its name while it exists (loop0 is always 7:0); failures are not
-        // remembered, so a device that appears later still resolves.
-        let target = std::fs::read_link(self.root.join(dev.to_string())).ok()?;
-        let name = target.file_name()?.to_string_lossy().into_owned();
-        self.known.insert(dev, name.clone());
-        Some(name)
-    }
+/// The kernel name of `dev` (`loop0`) under `root` (normally [`SYSFS_DEV_BLOCK`]), or `None`
+/// when it cannot be resolved (the device is gone, or sysfs is not mounted).
+pub fn device_name(root: &Path, dev: DevNum) -> Option<String> {
+    let target: PathBuf = std::fs::read_link(root.join(dev.to_string())).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]
@@ -48,18 +23,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn resolves_through_links() {
+    fn resolves_through_links_every_time() {
         let dir = std::env::temp_dir().join(format!("npd-blockdev-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let link = dir.join("7:3");
+        let link = dir.join("259:3");
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink("../../devices/virtual/block/loop3", &link).unwrap();
-        let mut names = SysfsDeviceNames::new(&dir);
-        assert_eq!(
-            names.name(DevNum { major: 7, minor: 3 }).as_deref(),
-            Some("loop3")
-        );
-        assert_eq!(names.name(DevNum { major: 7, minor: 4 }), None);
+        std::os::unix::fs::symlink("../../devices/pci0000:00/nvme/nvme0/nvme0n1", &link).unwrap();
+        let dev = DevNum {
+            major: 259,
+            minor: 3,
+        };
+        assert_eq!(device_name(&dir, dev).as_deref(), Some("nvme0n1"));
+        // The number is reused by another device: the new name, not a remembered one.
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink("../../devices/virtual/block/dm-7", &link).unwrap();
+        assert_eq!(device_name(&dir, dev).as_deref(), Some("dm-7"));
+        assert_eq!(device_name(&dir, DevNum { major: 7, minor: 4 }), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

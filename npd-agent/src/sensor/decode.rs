@@ -1,5 +1,6 @@
 //! Decodes ring-buffer records (see `npd-common`) into [`KernelEvent`]s, using the running
-//! kernel's tracepoint formats. No I/O except through the [`DeviceNames`] it is given.
+//! kernel's tracepoint formats. No I/O: a block error's device name is resolved later, off the
+//! reader (see [`crate::enrich`]).
 
 use npd_common::{HEADER_LEN, RecordHeader, RecordKind};
 use thiserror::Error;
@@ -35,12 +36,6 @@ pub enum DecodeError {
     /// A field could not be read.
     #[error(transparent)]
     Field(#[from] FieldError),
-}
-
-/// Resolves a block device number to its kernel name.
-pub trait DeviceNames {
-    /// The name of `dev` (`loop0`), or `None` when it cannot be resolved.
-    fn name(&mut self, dev: DevNum) -> Option<String>;
 }
 
 /// Field layouts of the structured tracepoints on the running kernel.
@@ -150,11 +145,7 @@ pub fn split_record(record: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError>
 }
 
 /// Decodes one ring-buffer record.
-pub fn decode(
-    record: &[u8],
-    layouts: &Layouts,
-    devices: &mut dyn DeviceNames,
-) -> Result<KernelEvent, DecodeError> {
+pub fn decode(record: &[u8], layouts: &Layouts) -> Result<KernelEvent, DecodeError> {
     let (header, data) = split_record(record)?;
     let kind = RecordKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     match kind {
@@ -194,7 +185,7 @@ pub fn decode(
             let dev = DevNum::from_kernel_dev(l.dev.read_u64(data)? as u32);
             let rwbs = l.rwbs.read_string(data)?;
             Ok(KernelEvent::BlockError(BlockError {
-                device: devices.name(dev),
+                device: None,
                 dev,
                 sector: l.sector.read_u64(data)?,
                 nr_sectors: l.nr_sector.read_u64(data)? as u32,
@@ -225,13 +216,6 @@ mod tests {
 
     use super::*;
     use crate::sensor::format::tests::{KERNELS, kernel_format};
-
-    struct NoDevices;
-    impl DeviceNames for NoDevices {
-        fn name(&mut self, dev: DevNum) -> Option<String> {
-            (dev == DevNum { major: 7, minor: 0 }).then(|| "loop0".to_string())
-        }
-    }
 
     fn record(kind: RecordKind, data: &[u8], orig_len: u32) -> Vec<u8> {
         let mut v = Vec::new();
@@ -277,19 +261,9 @@ mod tests {
     #[test]
     fn console_text_and_truncation() {
         let layouts = Layouts::default();
-        let ev = decode(
-            &record(RecordKind::Console, b"hello\n", 6),
-            &layouts,
-            &mut NoDevices,
-        )
-        .unwrap();
+        let ev = decode(&record(RecordKind::Console, b"hello\n", 6), &layouts).unwrap();
         assert_eq!(ev, KernelEvent::Log(LogMessage::new("hello")));
-        let ev = decode(
-            &record(RecordKind::Console, b"abc", 5000),
-            &layouts,
-            &mut NoDevices,
-        )
-        .unwrap();
+        let ev = decode(&record(RecordKind::Console, b"abc", 5000), &layouts).unwrap();
         assert_eq!(
             ev,
             KernelEvent::Log(LogMessage {
@@ -307,12 +281,7 @@ mod tests {
             let mut layouts = Layouts::default();
             layouts.set_hung_task(&f).unwrap();
             let data = raw(&f, &[("pid", 4242)], &[("comm", "writer")]);
-            let ev = decode(
-                &record(RecordKind::HungTask, &data, 0),
-                &layouts,
-                &mut NoDevices,
-            )
-            .unwrap();
+            let ev = decode(&record(RecordKind::HungTask, &data, 0), &layouts).unwrap();
             assert_eq!(
                 ev,
                 KernelEvent::HungTask(HungTask {
@@ -332,7 +301,6 @@ mod tests {
         let ev = decode(
             &record(RecordKind::OomVictim, &raw(&old, &[("pid", 7)], &[]), 0),
             &layouts,
-            &mut NoDevices,
         )
         .unwrap();
         assert_eq!(
@@ -359,12 +327,7 @@ mod tests {
             ],
             &[("comm", "stress")],
         );
-        let ev = decode(
-            &record(RecordKind::OomVictim, &data, 0),
-            &layouts,
-            &mut NoDevices,
-        )
-        .unwrap();
+        let ev = decode(&record(RecordKind::OomVictim, &data, 0), &layouts).unwrap();
         assert_eq!(
             ev,
             KernelEvent::OomKill(OomKill {
@@ -397,16 +360,12 @@ mod tests {
                 ],
                 &[("rwbs", "R")],
             );
-            let ev = decode(
-                &record(RecordKind::BlockComplete, &data, 0),
-                &layouts,
-                &mut NoDevices,
-            )
-            .unwrap();
+            let ev = decode(&record(RecordKind::BlockComplete, &data, 0), &layouts).unwrap();
             assert_eq!(
                 ev,
                 KernelEvent::BlockError(BlockError {
-                    device: Some("loop0".into()),
+                    // Resolved later, off the reader.
+                    device: None,
                     dev: DevNum { major: 7, minor: 0 },
                     sector: 24576,
                     nr_sectors: 8,
@@ -423,27 +382,23 @@ mod tests {
     fn malformed_records_are_typed_errors() {
         let layouts = Layouts::default();
         assert!(matches!(
-            decode(&[0; 3], &layouts, &mut NoDevices),
+            decode(&[0; 3], &layouts),
             Err(DecodeError::NotEnoughBytes { .. })
         ));
         let mut bad = record(RecordKind::Console, b"hi", 2);
         bad[16] = 200;
         assert!(matches!(
-            decode(&bad, &layouts, &mut NoDevices),
+            decode(&bad, &layouts),
             Err(DecodeError::SizeMismatch { .. })
         ));
         let mut unknown = record(RecordKind::Console, b"", 0);
         unknown[0] = 77;
         assert_eq!(
-            decode(&unknown, &layouts, &mut NoDevices),
+            decode(&unknown, &layouts),
             Err(DecodeError::UnknownKind(77))
         );
         assert_eq!(
-            decode(
-                &record(RecordKind::HungTask, &[0; 64], 0),
-                &layouts,
-                &mut NoDevices
-            ),
+            decode(&record(RecordKind::HungTask, &[0; 64], 0), &layouts),
             Err(DecodeError::NoFormat(RecordKind::HungTask))
         );
     }

@@ -18,7 +18,6 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 
 use super::{
     Losses, ReaderControl, SensorConfig, SensorStats,
-    blockdev::SysfsDeviceNames,
     decode::{self, Layouts},
     format::TracepointFormat,
     supervise,
@@ -123,7 +122,6 @@ impl LossCounters {
 struct RingReader {
     ring: AsyncFd<RingBuf<MapData>>,
     layouts: Layouts,
-    devices: SysfsDeviceNames,
     tx: mpsc::Sender<KernelEvent>,
     stats: Arc<SensorStats>,
 }
@@ -132,13 +130,7 @@ impl supervise::Reader for RingReader {
     fn run(
         &mut self,
     ) -> impl std::future::Future<Output = std::io::Result<supervise::Finished>> + Send + '_ {
-        read_ring(
-            &mut self.ring,
-            &self.layouts,
-            &mut self.devices,
-            &self.tx,
-            &self.stats,
-        )
+        read_ring(&mut self.ring, &self.layouts, &self.tx, &self.stats)
     }
 }
 
@@ -231,7 +223,6 @@ impl EbpfSource {
         let reader = RingReader {
             ring,
             layouts,
-            devices: SysfsDeviceNames::default(),
             tx,
             stats: stats.clone(),
         };
@@ -304,7 +295,6 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
 async fn read_ring(
     ring: &mut AsyncFd<RingBuf<MapData>>,
     layouts: &Layouts,
-    devices: &mut SysfsDeviceNames,
     tx: &mpsc::Sender<KernelEvent>,
     stats: &SensorStats,
 ) -> std::io::Result<supervise::Finished> {
@@ -315,7 +305,7 @@ async fn read_ring(
                 let Some(item) = guard.get_inner_mut().next() else {
                     break;
                 };
-                decode::decode(&item, layouts, devices)
+                decode::decode(&item, layouts)
             };
             match decoded {
                 Ok(event) => {
