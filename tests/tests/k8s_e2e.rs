@@ -75,7 +75,6 @@ struct TestNode {
     kubeconfig: PathBuf,
     admin: Client,
     nodes: Api<Node>,
-    uid: String,
     /// kubelet's `Ready` condition as the API server returned it right after creation.
     ready: Value,
     server_kubeconfig: PathBuf,
@@ -91,7 +90,6 @@ impl TestNode {
             kubeconfig,
             nodes: Api::all(admin.clone()),
             admin,
-            uid: node.metadata.uid.expect("a Node uid"),
             ready: Value::Null,
             server_kubeconfig: server.kubeconfig.clone(),
         };
@@ -109,7 +107,12 @@ impl TestNode {
     /// service account, and waits for its first write (npd's conditions in their default
     /// state) unless `wait_first_write` is false.
     async fn start_agent(&self, wait_first_write: bool) -> Agent {
-        let agent = Agent::start(&[
+        self.start_agent_with(wait_first_write, &[]).await
+    }
+
+    /// [`TestNode::start_agent`] with more arguments (`--config ...`).
+    async fn start_agent_with(&self, wait_first_write: bool, extra: &[&str]) -> Agent {
+        let mut args = vec![
             "run",
             "--source",
             "ebpf",
@@ -117,7 +120,9 @@ impl TestNode {
             self.kubeconfig.to_str().expect("UTF-8 path"),
             "--hostname-override",
             &self.name,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let agent = Agent::start(&args);
         if wait_first_write {
             self.wait_condition("KernelDeadlock", "False", "KernelHasNoDeadlock")
                 .await;
@@ -168,7 +173,8 @@ impl TestNode {
         let about = &event.involved_object;
         assert_eq!(about.kind.as_deref(), Some("Node"), "{event:?}");
         assert_eq!(about.name.as_deref(), Some(self.name.as_str()), "{event:?}");
-        assert_eq!(about.uid.as_deref(), Some(self.uid.as_str()), "{event:?}");
+        // As kubelet and NPD reference a Node: what `kubectl describe node` lists.
+        assert_eq!(about.uid.as_deref(), Some(self.name.as_str()), "{event:?}");
         let source = event.source.as_ref().expect("an Event source");
         assert_eq!(source.component.as_deref(), Some(SOURCE), "{event:?}");
         assert_eq!(
@@ -563,5 +569,121 @@ fn a_fault_during_an_api_server_outage_lands_when_it_returns() {
             .await;
         node.assert_ready_unchanged();
         stop(agent);
+    });
+}
+
+/// NPD counts every failed block (`Buffer I/O error` lines are distinct faults): 20 distinct
+/// lines through real /dev/kmsg are one IOError Event with count 20 on the Node (the same
+/// line printed twice stays one problem), not 20 Events and not 1 occurrence.
+#[test]
+fn distinct_block_errors_count_each_in_one_event() {
+    const TEST: &str = "distinct_block_errors_count_each_in_one_event";
+    let _serial = serial();
+    if !have_root(TEST) {
+        return;
+    }
+    let Some(server) = ApiServer::shared(TEST) else {
+        return;
+    };
+    block_on(async {
+        let node = TestNode::new(server, "npd-e2e-io-errors").await;
+        let agent = node.start_agent(true).await;
+        let disk = unique("sdz").replace('-', "");
+        for block in 0..20 {
+            let line =
+                format!("Buffer I/O error on dev {disk}, logical block {block}, async page read");
+            write_kmsg(&line);
+            if block == 0 {
+                write_kmsg(&line);
+            }
+        }
+        let event = wait_for("one IOError Event with count 20", DEADLINE, || async {
+            node.events("IOError").await.into_iter().find(|e| {
+                e.message.as_deref().is_some_and(|m| m.contains(&disk)) && e.count == Some(20)
+            })
+        })
+        .await;
+        assert!(
+            event
+                .message
+                .as_deref()
+                .is_some_and(|m| m.ends_with(&format!("{disk}, logical block 19, async page read"))),
+            "{event:?}"
+        );
+        node.barrier().await;
+        let about_disk: Vec<Event> = node
+            .events("IOError")
+            .await
+            .into_iter()
+            .filter(|e| e.message.as_deref().is_some_and(|m| m.contains(&disk)))
+            .collect();
+        assert_eq!(about_disk.len(), 1, "{about_disk:#?}");
+        assert_eq!(
+            about_disk[0].count,
+            Some(20),
+            "the repeated line counted once"
+        );
+        stop(agent);
+    });
+}
+
+/// A True condition found on the Node at start is taken over by the engine: with
+/// `recoverAfter`, it recovers that long after the agent started, although no rule fired.
+#[test]
+fn an_adopted_true_condition_recovers_after_its_quiet_period() {
+    const TEST: &str = "an_adopted_true_condition_recovers_after_its_quiet_period";
+    let _serial = serial();
+    if !have_root(TEST) {
+        return;
+    }
+    let Some(server) = ApiServer::shared(TEST) else {
+        return;
+    };
+    block_on(async {
+        let node = TestNode::new(server, "npd-e2e-adopt-recover").await;
+        // As an earlier npd left it.
+        let status = serde_json::json!({"status": {"conditions": [{
+            "type": "KernelDeadlock", "status": "True", "reason": "DockerHung",
+            "message": "task docker:1 blocked for more than 120 seconds.",
+            "lastHeartbeatTime": "2024-01-01T00:00:00Z", "lastTransitionTime": "2024-01-01T00:00:00Z",
+        }]}});
+        let params = PatchParams {
+            field_manager: Some("npd".into()),
+            ..Default::default()
+        };
+        node.nodes
+            .patch_status(&node.name, &params, &Patch::Strategic(&status))
+            .await
+            .expect("writing the old state");
+        let dir = npd_tests::kernel::TempDir::new("npd-recover-rules");
+        let rules = dir.join("rules.json");
+        std::fs::write(
+            &rules,
+            r#"{"source":"kernel-monitor",
+              "conditions":[{"type":"KernelDeadlock","reason":"KernelHasNoDeadlock","message":"kernel has no deadlock"}],
+              "rules":[{"type":"permanent","condition":"KernelDeadlock","reason":"DockerHung",
+                        "pattern":"task docker:\\w+ blocked for more than \\w+ seconds\\.","recoverAfter":"3s"}]}"#,
+        )
+        .unwrap();
+        let agent = node
+            .start_agent_with(false, &["--config", rules.to_str().unwrap()])
+            .await;
+        let recovered = node
+            .wait_condition("KernelDeadlock", "False", "KernelHasNoDeadlock")
+            .await;
+        assert_eq!(recovered.message.as_deref(), Some("kernel has no deadlock"));
+        node.wait_event("KernelHasNoDeadlock", "the recovery", |m| {
+            m.contains("is now: False")
+        })
+        .await;
+        let stopped = agent.stop();
+        assert!(stopped.status.success(), "{}", stopped.stderr);
+        assert!(
+            stopped
+                .stderr
+                .contains("took over the conditions found on the Node"),
+            "{}",
+            stopped.stderr
+        );
     });
 }
