@@ -82,7 +82,7 @@ struct TestNode {
 
 impl TestNode {
     async fn new(server: &ApiServer, name: &str) -> TestNode {
-        let node = server.create_node(name).await;
+        server.create_node(name).await;
         let kubeconfig = server.service_account_kubeconfig().await;
         let admin = server.admin_client().await;
         let mut test = TestNode {
