@@ -27,7 +27,7 @@ pub enum Seen<O> {
     },
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Entry<O> {
     /// When the window started (the first report, or the last repeat of a sliding window).
     since: SystemTime,
@@ -47,7 +47,7 @@ impl<O> Entry<O> {
 }
 
 /// Reported faults by key, each until its window ends. See the module documentation.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ReportedFaults<K, O> {
     entries: HashMap<K, Entry<O>>,
     by_deadline: BTreeMap<(SystemTime, u64), K>,

@@ -59,7 +59,7 @@ enum Origin {
     Structured,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct FileState {
     source: String,
     buffer_size: usize,
@@ -67,14 +67,14 @@ struct FileState {
     buffer: Option<VecDeque<String>>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct EngineRule {
     file: usize,
     rule: Rule,
 }
 
-/// The rule engine. See the module documentation.
-#[derive(Debug)]
+/// The rule engine. See the module documentation. A clone shares the compiled patterns.
+#[derive(Clone, Debug)]
 pub struct Engine {
     rules: Vec<EngineRule>,
     files: Vec<FileState>,
@@ -518,7 +518,7 @@ impl Engine {
 /// logical block B` lines about the buffers of a failed request are that request's fault, not
 /// new ones. Bounded: the newest [`FailedRequests::PER_DISK`] per disk, forgotten after the
 /// block-error de-duplication window.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct FailedRequests {
     by_disk: std::collections::HashMap<String, VecDeque<(SystemTime, u64, u32)>>,
 }

@@ -10,6 +10,9 @@
 //!   (through sudo when not root) and run one at a time.
 //! * `bench`: setup, then the benchmarks (criterion, the kernel sensor benchmark and the
 //!   end-to-end Kubernetes detection latency, as root).
+//! * `fuzz [--seconds N] [TARGET...]`: runs the fuzz targets in `fuzz/` (cargo-fuzz and
+//!   libFuzzer on the nightly toolchain, with AddressSanitizer), each for N seconds, and prints
+//!   the executions and findings of each. The corpus grows in the cache, outside the checkout.
 
 use std::{
     ffi::OsString,
@@ -22,6 +25,12 @@ use clap::{Parser, Subcommand};
 
 /// The bpf-linker release known to work with aya 0.14 and LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// The cargo-fuzz release `cargo xtask fuzz` installs (into the cache).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// The fuzz targets in `fuzz/fuzz_targets`.
+const FUZZ_TARGETS: [&str; 4] = ["replay", "rule_file", "tracepoint_record", "kmsg_record"];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "npd developer commands")]
@@ -53,6 +62,14 @@ enum Cmd {
     },
     /// Run the benchmarks and print their numbers.
     Bench,
+    /// Fuzz the parsers of hostile input; each target for `--seconds`.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +116,10 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Bench => {
             let path = setup()?;
             bench(&path)
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            let path = setup()?;
+            fuzz(&path, seconds, &targets)
         }
     }
 }
@@ -459,6 +480,125 @@ fn bench(path: &OsString) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs cargo-fuzz into the cache when missing; returns PATH with it first.
+fn cargo_fuzz(path: &OsString) -> anyhow::Result<OsString> {
+    let dir = cache_dir().join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    if !dir.join("bin/cargo-fuzz").is_file() {
+        run(cargo(path)
+            .args(["install", "cargo-fuzz", "--locked", "--version"])
+            .arg(CARGO_FUZZ_VERSION)
+            .arg("--root")
+            .arg(&dir)
+            .current_dir(std::env::temp_dir()))?;
+    }
+    let mut paths = vec![dir.join("bin")];
+    paths.extend(std::env::split_paths(path));
+    Ok(std::env::join_paths(paths)?)
+}
+
+/// What one fuzz run did, from libFuzzer's final statistics.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FuzzStats {
+    executions: u64,
+    corpus: u64,
+}
+
+impl FuzzStats {
+    /// Reads `stat::number_of_executed_units: N` and the last `corp: N/...` of libFuzzer's
+    /// output.
+    fn from_output(text: &str) -> Self {
+        let mut stats = FuzzStats::default();
+        for line in text.lines() {
+            if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+                stats.executions = n.trim().parse().unwrap_or(0);
+            }
+            if let Some(rest) = line.split(" corp: ").nth(1)
+                && let Some(n) = rest.split('/').next()
+            {
+                stats.corpus = n.trim().parse().unwrap_or(stats.corpus);
+            }
+        }
+        stats
+    }
+}
+
+/// Runs each fuzz target for `seconds` (libFuzzer, AddressSanitizer, debug assertions on, so
+/// an arithmetic overflow is a finding too). A finding stops that target, is saved under
+/// `fuzz/artifacts/<target>/`, and fails the command after the others ran.
+fn fuzz(path: &OsString, seconds: u64, only: &[String]) -> anyhow::Result<()> {
+    for t in only {
+        if !FUZZ_TARGETS.contains(&t.as_str()) {
+            bail!(
+                "unknown fuzz target {t:?}; the targets: {}",
+                FUZZ_TARGETS.join(", ")
+            );
+        }
+    }
+    let targets: Vec<&str> = if only.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        only.iter().map(String::as_str).collect()
+    };
+    let path = cargo_fuzz(path)?;
+    let fuzz_cargo = || {
+        let mut cmd = Command::new("cargo");
+        cmd.env("PATH", &path)
+            // The fuzz targets use the agent's parsers, not its eBPF programs.
+            .env("AYA_BUILD_SKIP", "1")
+            .args(["+nightly", "fuzz"]);
+        cmd
+    };
+    run(fuzz_cargo().args(["build", "--fuzz-dir", "fuzz"]))?;
+    let mut failed = Vec::new();
+    let mut table = Vec::new();
+    for target in targets {
+        let corpus = cache_dir().join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        let mut cmd = fuzz_cargo();
+        cmd.args(["run", "--fuzz-dir", "fuzz", target]).arg(&corpus);
+        // Seeds, read but never written: the shipped rule files, or a few committed inputs.
+        let seeds = match target {
+            "rule_file" => PathBuf::from("config"),
+            _ => Path::new("fuzz/seeds").join(target),
+        };
+        if seeds.is_dir() {
+            cmd.arg(seeds);
+        }
+        cmd.arg("--").args([
+            format!("-max_total_time={seconds}"),
+            "-timeout=10".into(),
+            "-rss_limit_mb=4096".into(),
+            "-print_final_stats=1".into(),
+        ]);
+        eprintln!("xtask: {}", describe(&cmd));
+        let out = cmd
+            .stdout(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("starting {}", describe(&cmd)))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stats = FuzzStats::from_output(&stderr);
+        let verdict = if out.status.success() {
+            "no finding".to_string()
+        } else {
+            eprintln!("{stderr}");
+            failed.push(target);
+            format!("FINDING (fuzz/artifacts/{target}/)")
+        };
+        table.push(format!(
+            "{target:<18} {seconds:>5} s {:>12} executions {:>6} corpus  {verdict}",
+            stats.executions, stats.corpus
+        ));
+    }
+    for row in &table {
+        println!("fuzz: {row}");
+    }
+    if !failed.is_empty() {
+        bail!("fuzz targets with findings: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +620,22 @@ mod tests {
                 passed: 87,
                 failed: 1,
                 skipped: 0
+            }
+        );
+    }
+
+    #[test]
+    fn fuzz_stats_from_libfuzzer_output() {
+        let text = "#2\tINITED cov: 10 ft: 11 corp: 1/1b exec/s: 0 rss: 30Mb\n\
+                    #4096\tpulse  cov: 20 ft: 30 corp: 7/90b lim: 43 exec/s: 2048 rss: 31Mb\n\
+                    Done 5000 runs in 2 second(s)\n\
+                    stat::number_of_executed_units: 5000\n\
+                    stat::peak_rss_mb: 31\n";
+        assert_eq!(
+            FuzzStats::from_output(text),
+            FuzzStats {
+                executions: 5000,
+                corpus: 7
             }
         );
     }

@@ -61,8 +61,17 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs every line of `input` through a fresh engine and writes each report as a JSON line.
-pub fn replay(rules: RuleSet, mut input: impl BufRead, out: &mut impl Write) -> io::Result<()> {
-    let mut engine = Engine::new(rules);
+pub fn replay(rules: RuleSet, input: impl BufRead, out: &mut impl Write) -> io::Result<()> {
+    replay_with(Engine::new(rules), input, out)
+}
+
+/// [`replay`] through a given engine, in its state (a clone of a fresh one costs no pattern
+/// compilation).
+pub fn replay_with(
+    mut engine: Engine,
+    mut input: impl BufRead,
+    out: &mut impl Write,
+) -> io::Result<()> {
     let mut clock = SystemTime::UNIX_EPOCH;
     engine.initial_conditions(clock);
     let mut buf = Vec::with_capacity(4096);
