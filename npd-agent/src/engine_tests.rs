@@ -415,6 +415,9 @@ fn oom_kill_is_one_problem() {
         ..Default::default()
     });
     assert_eq!(reasons(&engine.handle(&other, t(2))), ["OOMKilling"]);
+    // The kernel reuses pids: a victim with pid 1234 a minute later is another kill.
+    assert_eq!(reasons(&engine.handle(&oom, t(61))), ["OOMKilling"]);
+    assert!(engine.handle(&log(&printed), t(61)).is_empty());
 }
 
 fn block(device: &str) -> KernelEvent {

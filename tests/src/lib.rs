@@ -11,6 +11,7 @@ pub mod apiserver;
 pub mod faults;
 pub mod http;
 pub mod kernel;
+pub mod procstat;
 pub mod prometheus;
 
 use std::sync::{Mutex, MutexGuard};

@@ -465,8 +465,8 @@ fn bench(path: &OsString) -> anyhow::Result<()> {
         .args(["bench", "--package", "npd-agent"])
         .args(locked());
     run(&mut criterion)?;
-    // The kernel sensor, then detection latency through a real API server.
-    for bench in ["sensor", "k8s_latency"] {
+    // The kernel sensor, detection latency through a real API server, then the OOM storm soak.
+    for bench in ["sensor", "k8s_latency", "oom_storm"] {
         let mut kernel = cargo(path);
         kernel
             .args(["bench", "--package", "npd-tests", "--bench", bench])

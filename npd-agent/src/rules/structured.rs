@@ -63,6 +63,10 @@ impl EventKind {
     /// How long a problem about the same fault is de-duplicated, and whether each repeat
     /// extends that window. A task stays hung while the detector keeps seeing it (it checks
     /// every `hung_task_check_interval_secs`, 120 s by default), so each sighting extends it.
+    /// An OOM kill is seen twice at most (`mark_victim` and the kernel's `Killed process`
+    /// line, milliseconds apart), and its key is a pid, which the kernel reuses (`pid_max` is
+    /// 32768 on small nodes): the window is short, so that a later victim with the same pid
+    /// is a fault of its own.
     pub fn default_dedup(self) -> DedupWindow {
         match self {
             EventKind::HungTask => DedupWindow {
@@ -70,7 +74,7 @@ impl EventKind {
                 sliding: true,
             },
             EventKind::OomKill => DedupWindow {
-                window: Duration::from_secs(5 * 60),
+                window: Duration::from_secs(30),
                 sliding: false,
             },
             EventKind::BlockError => DedupWindow {

@@ -15,75 +15,9 @@ use npd_tests::{
     have_root,
     http::{self, free_port, sample},
     kernel::Sysctl,
+    procstat::{bpf_map_kib, cpu_seconds, mib, own_kib, status_kib},
     unique,
 };
-
-/// CPU time (user + system) of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
-    // Fields after the command name (which may contain spaces) start at ") ".
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest)
-        .unwrap_or("")
-        .split(' ')
-        .collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / hz
-}
-
-/// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .strip_prefix(':')?
-                .trim()
-                .strip_suffix(" kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-/// Resident KiB of the BPF map mappings (the ring buffer: the kernel maps all of its pages,
-/// twice, at mmap time; kernel memory counted in RSS, not memory the agent allocates).
-fn bpf_map_kib(pid: u32) -> u64 {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut in_map = false;
-    let mut total = 0;
-    for line in smaps.lines() {
-        if line.split_whitespace().next().is_some_and(|f| {
-            f.contains('-') && f.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
-        }) {
-            in_map = line.contains("anon_inode:bpf-map");
-        } else if in_map && let Some(kib) = line.strip_prefix("Rss:") {
-            total += kib
-                .trim()
-                .trim_end_matches(" kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0);
-        }
-    }
-    total
-}
-
-/// RSS without the BPF map mappings: what the agent itself uses.
-fn own_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS").saturating_sub(bpf_map_kib(pid))
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()

@@ -4,9 +4,21 @@
 //! * `npd-test-hog oom CGROUP_DIR MIB`: joins the memory cgroup, then allocates and touches
 //!   MIB MiB (the cgroup's OOM killer kills it).
 //! * `npd-test-hog write FILE`: writes to FILE (blocks in D state on a frozen file system).
+//! * `npd-test-hog storm CGROUP_DIR RATE SECONDS`: an OOM storm. For SECONDS it forks RATE
+//!   children a second (at most [`STORM_LIVE`] alive at once), each of which joins the memory
+//!   cgroup and allocates until the cgroup's OOM killer kills it. At the end it prints one JSON
+//!   line: `{"forked":N,"oom_killed":K,"other_exits":O,"seconds":S}`.
 //!
 //! It prints `ready` when it is about to misbehave.
-use std::io::Write as _;
+use std::{
+    io::Write as _,
+    time::{Duration, Instant},
+};
+
+/// At most this many storm children are alive at once. More make each OOM kill slower (the
+/// cgroup's OOM killer kills one task at a time, and the others wait): two give the highest
+/// rate here (170 kills/s in a 4 MiB cgroup on 2 cores).
+const STORM_LIVE: usize = 2;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -34,8 +46,105 @@ fn main() {
             std::fs::write(&args[2], b"npd hung task test\n")
                 .unwrap_or_else(|e| fail(&format!("write: {e}")));
         }
-        _ => fail("usage: npd-test-hog oom CGROUP_DIR MIB | write FILE"),
+        Some("storm") if args.len() == 5 => {
+            let rate: u32 = args[3]
+                .parse()
+                .unwrap_or_else(|_| fail("RATE is not a number"));
+            let secs: u64 = args[4]
+                .parse()
+                .unwrap_or_else(|_| fail("SECONDS is not a number"));
+            storm(&args[2], rate.max(1), Duration::from_secs(secs));
+        }
+        _ => fail(
+            "usage: npd-test-hog oom CGROUP_DIR MIB | write FILE | storm CGROUP_DIR RATE SECONDS",
+        ),
     }
+}
+
+/// What happened to the storm's children.
+#[derive(Default)]
+struct Storm {
+    live: usize,
+    oom_killed: u64,
+    other_exits: u64,
+}
+
+impl Storm {
+    /// Reaps children; waits for one when `block`.
+    fn reap(&mut self, block: bool) {
+        loop {
+            let mut status = 0;
+            let flags = if block { 0 } else { libc::WNOHANG };
+            // SAFETY: waitpid on our own children with a valid status pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
+            if pid <= 0 {
+                return;
+            }
+            self.live -= 1;
+            if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL {
+                self.oom_killed += 1;
+            } else {
+                self.other_exits += 1;
+            }
+            if block {
+                return;
+            }
+        }
+    }
+}
+
+fn storm(cgroup: &str, rate: u32, duration: Duration) -> ! {
+    let procs = std::path::Path::new(cgroup).join("cgroup.procs");
+    let interval = Duration::from_secs(1) / rate;
+    let mut s = Storm::default();
+    let mut forked = 0u64;
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let start = Instant::now();
+    let mut next = start;
+    while start.elapsed() < duration {
+        s.reap(false);
+        if s.live >= STORM_LIVE {
+            s.reap(true);
+            continue;
+        }
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep(next - now);
+        }
+        next += interval;
+        // SAFETY: this process is single-threaded; the child only writes a file, allocates
+        // and exits.
+        match unsafe { libc::fork() } {
+            -1 => fail(&format!("fork: {}", std::io::Error::last_os_error())),
+            0 => {
+                if std::fs::write(&procs, "0").is_err() {
+                    // SAFETY: leaving the forked child without running the parent's atexit.
+                    unsafe { libc::_exit(2) };
+                }
+                let mut chunks = Vec::new();
+                for _ in 0..1024 {
+                    chunks.push(vec![1u8; 1 << 20]);
+                }
+                // SAFETY: as above.
+                unsafe { libc::_exit(3) };
+            }
+            _ => {
+                forked += 1;
+                s.live += 1;
+            }
+        }
+    }
+    while s.live > 0 {
+        s.reap(true);
+    }
+    println!(
+        "{{\"forked\":{forked},\"oom_killed\":{},\"other_exits\":{},\"seconds\":{:.3}}}",
+        s.oom_killed,
+        s.other_exits,
+        start.elapsed().as_secs_f64()
+    );
+    std::process::exit(0);
 }
 
 fn fail(msg: &str) -> ! {
