@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 use libfuzzer_sys::fuzz_target;
 use npd_agent::{
     engine::Engine,
-    event::{BlockError, BlockOp, DevNum, HungTask, KernelEvent, LogMessage, OomKill},
+    event::{BlockError, BlockOp, Detail, DevNum, HungTask, KernelEvent, LogMessage, OomKill},
     rules::RuleSet,
+    time::Mono,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -17,23 +18,23 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut engine = Engine::new(rules);
-    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    engine.initial_conditions(start);
-    let events = [
-        KernelEvent::Log(LogMessage::new(String::from_utf8_lossy(data).into_owned())),
-        KernelEvent::Log(LogMessage::new(
+    engine.initial_conditions(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let start = Mono::since_boot(Duration::from_secs(1_000));
+    let details = [
+        Detail::Log(LogMessage::new(String::from_utf8_lossy(data).into_owned())),
+        Detail::Log(LogMessage::new(
             "INFO: task docker:20744 blocked for more than 120 seconds.",
         )),
-        KernelEvent::HungTask(HungTask {
+        Detail::HungTask(HungTask {
             pid: 20744,
             comm: "docker".into(),
         }),
-        KernelEvent::OomKill(OomKill {
+        Detail::OomKill(OomKill {
             pid: 42,
             comm: Some("stress".into()),
             ..OomKill::default()
         }),
-        KernelEvent::BlockError(BlockError {
+        Detail::BlockError(BlockError {
             device: Some("sda1".into()),
             dev: DevNum { major: 8, minor: 1 },
             sector: 2048,
@@ -43,10 +44,10 @@ fuzz_target!(|data: &[u8]| {
             error: -5,
         }),
     ];
-    let latest = npd_agent::time::latest();
-    for now in [start, start + Duration::from_secs(3600), latest] {
-        for event in &events {
-            engine.handle(event, now);
+    let latest = Mono::ZERO.saturating_add(Duration::MAX);
+    for now in [start, start.saturating_add(Duration::from_secs(3600)), latest] {
+        for detail in &details {
+            engine.handle(&KernelEvent::new(now, detail.clone()));
         }
         while let Some(at) = engine.next_deadline() {
             let reports = engine.on_deadline(at.max(now));

@@ -1,13 +1,14 @@
 //! Replays a realistic mix of kernel messages (mostly chatter that matches nothing, a few
 //! problems) through the embedded default rules. Run: `cargo bench -p npd-agent --bench rules`.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use npd_agent::{
     engine::Engine,
-    event::{KernelEvent, LogMessage},
+    event::{Detail, KernelEvent, LogMessage},
     rules::RuleSet,
+    time::Mono,
 };
 
 /// Typical kernel chatter on a Kubernetes node (none of it a problem).
@@ -47,31 +48,32 @@ fn mix() -> Vec<KernelEvent> {
             } else {
                 CHATTER[(i * 7) % CHATTER.len()]
             };
-            KernelEvent::Log(LogMessage::new(text))
+            KernelEvent::new(Mono::ZERO, LogMessage::new(text))
         })
         .collect()
 }
 
 fn bench(c: &mut Criterion) {
-    let events = mix();
+    let mut events = mix();
     let mut group = c.benchmark_group("rules");
     group.throughput(Throughput::Elements(events.len() as u64));
     group.bench_function("replay_mix_defaults", |b| {
         let mut engine = Engine::new(RuleSet::defaults());
-        let mut now = SystemTime::UNIX_EPOCH;
+        let mut now = Mono::ZERO;
         b.iter(|| {
             let mut reports = 0;
-            for e in &events {
-                now += Duration::from_millis(1);
-                reports += engine.handle(e, now).len();
+            for e in &mut events {
+                now = now.saturating_add(Duration::from_millis(1));
+                e.at = now;
+                reports += engine.handle(e).len();
             }
             reports
         });
     });
     let chatter: Vec<KernelEvent> = events
         .iter()
-        .filter(|e| matches!(e, KernelEvent::Log(l) if CHATTER.contains(&l.message.as_str())))
-        .cloned()
+        .filter(|e| matches!(&e.detail, Detail::Log(l) if CHATTER.contains(&l.message.as_str())))
+        .map(|e| KernelEvent::new(Mono::ZERO, e.detail.clone()))
         .collect();
     group.throughput(Throughput::Elements(chatter.len() as u64));
     group.bench_function("non_matching_only", |b| {
@@ -79,7 +81,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut reports = 0;
             for e in &chatter {
-                reports += engine.handle(e, SystemTime::UNIX_EPOCH).len();
+                reports += engine.handle(e).len();
             }
             reports
         });

@@ -1,8 +1,12 @@
-//! Command-line interface: `npd-agent [run]`, `check-config`, `replay`.
+//! Command-line interface: `npd-agent [run]`, `check-config`, `replay`. Only parsing: each
+//! option's type lives with the module it configures, and `commands` builds their
+//! configurations from these values.
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use crate::{logging::LogFormat, sensor::SourceChoice};
 
 /// npd: eBPF kernel problem sensor for Kubernetes nodes.
 #[derive(Debug, Parser)]
@@ -25,28 +29,6 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
     /// Feed recorded kernel messages through the rules and print what would be reported.
     Replay(ReplayArgs),
-}
-
-/// Where kernel events come from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum SourceChoice {
-    /// eBPF when it can be used, else `/dev/kmsg`.
-    #[default]
-    Auto,
-    /// eBPF only; fail when it cannot be used.
-    Ebpf,
-    /// `/dev/kmsg` only (kernel messages; no structured events).
-    Kmsg,
-}
-
-/// How logs are written (to stderr).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Options of `run`.
@@ -118,22 +100,12 @@ pub struct RunArgs {
     pub debug_endpoints: bool,
 }
 
-/// The smallest and largest `--ring-buffer-size`.
-pub const RING_BUFFER_SIZES: (u32, u32) = (4096, 1 << 30);
-
-/// `--ring-buffer-size`: a power of two within [`RING_BUFFER_SIZES`] (the kernel's rule for a
-/// BPF ring buffer, which must also be a multiple of the page size).
+/// `--ring-buffer-size`: see [`crate::sensor::check_ring_buffer_size`].
 fn ring_buffer_size(text: &str) -> Result<u32, String> {
-    let (min, max) = RING_BUFFER_SIZES;
     let n: u32 = text
         .parse()
         .map_err(|e| format!("{text:?} is not a size in bytes: {e}"))?;
-    if !n.is_power_of_two() || n < min || n > max {
-        return Err(format!(
-            "{n} is not a power of two from {min} to {max} bytes (e.g. 4194304 for 4 MiB)"
-        ));
-    }
-    Ok(n)
+    crate::sensor::check_ring_buffer_size(n)
 }
 
 /// `--k8s-exporter-heartbeat-period`: 0s would write the Node in a tight loop, and a huge value

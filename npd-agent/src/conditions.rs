@@ -1,15 +1,20 @@
-//! Node conditions: one small state machine per condition type. Every condition starts False
-//! with its declared reason and message; a permanent rule sets it True (NPD's semantics: a
-//! change is reported only when the status or the reason changes); opt-in recovery returns it
-//! to its default False state after a quiet period, reported as a Normal change. No I/O; the
-//! time is always a parameter.
+//! Node conditions: one small state machine per condition type, the one place npd keeps the
+//! state of its conditions (exporters only show what they were told). Every condition starts
+//! False with its declared reason and message; a permanent rule sets it True (NPD's semantics:
+//! a change is reported only when the status or the reason changes); opt-in recovery returns
+//! it to its default False state after a quiet period, reported as a Normal change. No I/O; the
+//! time is always a parameter: quiet periods on the kernel's monotonic clock, transition times
+//! on the wall clock.
 
 use std::{
     collections::HashMap,
     time::{Duration, SystemTime},
 };
 
-use crate::problem::{Condition, ConditionChange, ConditionStatus};
+use crate::{
+    problem::{Condition, ConditionChange, ConditionStatus},
+    time::{Mono, WallClock},
+};
 
 /// The state of every condition npd owns.
 #[derive(Clone, Debug, Default)]
@@ -25,21 +30,21 @@ struct State {
     default_message: String,
     current: Condition,
     /// If it recovers: since when it is quiet, and how long a quiet period recovers it.
-    recover: Option<(SystemTime, Duration)>,
+    recover: Option<(Mono, Duration)>,
 }
 
 impl State {
     /// When its quiet period ends, if it recovers (saturating: never overflows).
-    fn recover_at(&self) -> Option<SystemTime> {
+    fn recover_at(&self) -> Option<Mono> {
         self.recover
-            .map(|(since, after)| crate::time::add(since, after))
+            .map(|(since, after)| since.saturating_add(after))
     }
 
-    /// Whether its quiet period has ended by `now` (compared as elapsed time).
-    fn recovers_by(&self, now: SystemTime) -> bool {
-        self.recover.is_some_and(|(since, after)| {
-            now.duration_since(since).is_ok_and(|quiet| quiet >= after)
-        })
+    /// Whether its quiet period has ended by `now`, compared as elapsed time: a deadline the
+    /// clock cannot hold (saturated) is never reached early.
+    fn recovers_by(&self, now: Mono) -> bool {
+        self.recover
+            .is_some_and(|(since, after)| now.since(since) >= after)
     }
 }
 
@@ -86,15 +91,16 @@ impl ConditionManager {
         }
     }
 
-    /// A permanent rule fired: the condition becomes True with this reason. Returns the change
-    /// when the status or the reason changed (NPD's rule), `None` otherwise. `recover_after`:
-    /// when the condition returns to False if nothing sets it again; `None` makes it stay True.
+    /// A permanent rule fired at `now` (kernel time, and its wall-clock time): the condition
+    /// becomes True with this reason. Returns the change when the status or the reason changed
+    /// (NPD's rule), `None` otherwise. `recover_after`: when the condition returns to False if
+    /// nothing sets it again; `None` makes it stay True.
     pub fn set_true(
         &mut self,
         type_: &str,
         reason: &str,
         message: &str,
-        now: SystemTime,
+        (now, wall): (Mono, SystemTime),
         recover_after: Option<Duration>,
     ) -> Option<ConditionChange> {
         let s = &mut self.conditions[*self.by_type.get(type_)?];
@@ -107,7 +113,7 @@ impl ConditionManager {
             status: ConditionStatus::True,
             reason: reason.to_owned(),
             message: message.to_owned(),
-            transition_time: now,
+            transition_time: wall,
         };
         Some(s.change())
     }
@@ -119,7 +125,7 @@ impl ConditionManager {
     pub fn adopt(
         &mut self,
         found: &Condition,
-        now: SystemTime,
+        now: Mono,
         recover_after: Option<Duration>,
     ) -> Option<ConditionChange> {
         let s = &mut self.conditions[*self.by_type.get(&found.type_)?];
@@ -135,14 +141,14 @@ impl ConditionManager {
     }
 
     /// The earliest pending recovery.
-    pub fn next_deadline(&self) -> Option<SystemTime> {
+    pub fn next_deadline(&self) -> Option<Mono> {
         self.conditions.iter().filter_map(State::recover_at).min()
     }
 
     /// Recovers every condition whose quiet period ended at or before `now`, in deadline order.
-    /// Each change carries its deadline as transition time.
-    pub fn expire(&mut self, now: SystemTime) -> Vec<ConditionChange> {
-        let mut due: Vec<(SystemTime, usize)> = self
+    /// Each change carries its deadline (on `clock`) as transition time.
+    pub fn expire(&mut self, now: Mono, clock: &WallClock) -> Vec<ConditionChange> {
+        let mut due: Vec<(Mono, usize)> = self
             .conditions
             .iter()
             .enumerate()
@@ -159,7 +165,7 @@ impl ConditionManager {
                     status: ConditionStatus::False,
                     reason: s.default_reason.clone(),
                     message: s.default_message.clone(),
-                    transition_time: at,
+                    transition_time: clock.wall(at),
                 };
                 s.change()
             })
@@ -167,6 +173,7 @@ impl ConditionManager {
     }
 
     /// The current state of one condition.
+    #[cfg(test)]
     pub fn get(&self, type_: &str) -> Option<&Condition> {
         self.by_type
             .get(type_)
@@ -191,6 +198,18 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
     }
 
+    /// `secs` after boot, on the kernel's clock.
+    fn mono(secs: u64) -> Mono {
+        Mono::since_boot(Duration::from_secs(secs))
+    }
+
+    /// `secs` after boot, and its wall-clock time (boot at the epoch).
+    fn at(secs: u64) -> (Mono, SystemTime) {
+        (mono(secs), t(secs))
+    }
+
+    const CLOCK: WallClock = WallClock::booted_at(SystemTime::UNIX_EPOCH);
+
     fn manager() -> ConditionManager {
         let mut m = ConditionManager::default();
         m.declare(
@@ -207,25 +226,37 @@ mod tests {
     fn npd_semantics_without_recovery() {
         let mut m = manager();
         let c = m
-            .set_true("KernelDeadlock", "DockerHung", "task docker:1", t(10), None)
+            .set_true(
+                "KernelDeadlock",
+                "DockerHung",
+                "task docker:1",
+                at(10),
+                None,
+            )
             .unwrap();
         assert_eq!(c.condition.status, ConditionStatus::True);
         assert_eq!(c.condition.transition_time, t(10));
         assert_eq!(c.source, "kernel-monitor");
         // Same reason again: no change, message kept.
         assert!(
-            m.set_true("KernelDeadlock", "DockerHung", "task docker:2", t(20), None)
-                .is_none()
+            m.set_true(
+                "KernelDeadlock",
+                "DockerHung",
+                "task docker:2",
+                at(20),
+                None
+            )
+            .is_none()
         );
         assert_eq!(m.get("KernelDeadlock").unwrap().message, "task docker:1");
         // Another reason: a change.
         let c = m
-            .set_true("KernelDeadlock", "Other", "x", t(30), None)
+            .set_true("KernelDeadlock", "Other", "x", at(30), None)
             .unwrap();
         assert_eq!(c.condition.reason, "Other");
         assert_eq!(m.next_deadline(), None);
-        assert!(m.expire(t(1_000_000)).is_empty());
-        assert!(m.set_true("Undeclared", "r", "m", t(1), None).is_none());
+        assert!(m.expire(mono(1_000_000), &CLOCK).is_empty());
+        assert!(m.set_true("Undeclared", "r", "m", at(1), None).is_none());
     }
 
     #[test]
@@ -239,7 +270,7 @@ mod tests {
             transition_time: t(5),
         };
         let change = m
-            .adopt(&on_node, t(100), Some(Duration::from_secs(60)))
+            .adopt(&on_node, mono(100), Some(Duration::from_secs(60)))
             .unwrap();
         assert_eq!(change.condition, on_node);
         // The same rule firing again is no change: the Node already says so.
@@ -248,13 +279,13 @@ mod tests {
                 "KernelDeadlock",
                 "DockerHung",
                 "again",
-                t(110),
+                at(110),
                 Some(Duration::from_secs(60))
             )
             .is_none()
         );
-        assert_eq!(m.next_deadline(), Some(t(170)));
-        let back = m.expire(t(170));
+        assert_eq!(m.next_deadline(), Some(mono(170)));
+        let back = m.expire(mono(170), &CLOCK);
         assert_eq!(back[0].condition.status, ConditionStatus::False);
         // Undeclared types are not adopted; adopting the current state changes nothing.
         assert!(
@@ -263,13 +294,13 @@ mod tests {
                     type_: "Ready".into(),
                     ..on_node.clone()
                 },
-                t(1),
+                mono(1),
                 None
             )
             .is_none()
         );
         let current = m.get("KernelDeadlock").unwrap().clone();
-        assert!(m.adopt(&current, t(200), None).is_none());
+        assert!(m.adopt(&current, mono(200), None).is_none());
         assert_eq!(m.next_deadline(), None);
     }
 
@@ -277,17 +308,17 @@ mod tests {
     fn recovery_after_a_quiet_period() {
         let mut m = manager();
         let quiet = Some(Duration::from_secs(60));
-        m.set_true("KernelDeadlock", "DockerHung", "m", t(10), quiet)
+        m.set_true("KernelDeadlock", "DockerHung", "m", at(10), quiet)
             .unwrap();
-        assert_eq!(m.next_deadline(), Some(t(70)));
+        assert_eq!(m.next_deadline(), Some(mono(70)));
         // A repeat extends the quiet period.
         assert!(
-            m.set_true("KernelDeadlock", "DockerHung", "m", t(50), quiet)
+            m.set_true("KernelDeadlock", "DockerHung", "m", at(50), quiet)
                 .is_none()
         );
-        assert_eq!(m.next_deadline(), Some(t(110)));
-        assert!(m.expire(t(109)).is_empty());
-        let back = m.expire(t(200));
+        assert_eq!(m.next_deadline(), Some(mono(110)));
+        assert!(m.expire(mono(109), &CLOCK).is_empty());
+        let back = m.expire(mono(200), &CLOCK);
         assert_eq!(back.len(), 1);
         let c = &back[0].condition;
         assert_eq!(
@@ -301,9 +332,9 @@ mod tests {
         assert_eq!(c.transition_time, t(110));
         assert_eq!(m.next_deadline(), None);
         // A rule without recovery makes it stay True.
-        m.set_true("KernelDeadlock", "DockerHung", "m", t(300), quiet)
+        m.set_true("KernelDeadlock", "DockerHung", "m", at(300), quiet)
             .unwrap();
-        m.set_true("KernelDeadlock", "DockerHung", "m", t(301), None);
+        m.set_true("KernelDeadlock", "DockerHung", "m", at(301), None);
         assert_eq!(m.next_deadline(), None);
     }
 }

@@ -9,8 +9,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     hash::Hash,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
+
+use crate::time::Mono;
 
 /// At most this many faults are remembered at once.
 pub const CAPACITY: usize = 65_536;
@@ -30,19 +32,17 @@ pub enum Seen<O> {
 #[derive(Clone, Debug)]
 struct Entry<O> {
     /// When the window started (the first report, or the last repeat of a sliding window).
-    since: SystemTime,
+    since: Mono,
     window: Duration,
     origin: O,
     /// Its key in `by_deadline`.
-    deadline: (SystemTime, u64),
+    deadline: (Mono, u64),
 }
 
 impl<O> Entry<O> {
-    fn expired(&self, now: SystemTime) -> bool {
-        // Compared as elapsed time, so a window never overflows the clock; a clock that went
-        // back counts as no time elapsed.
-        now.duration_since(self.since)
-            .is_ok_and(|elapsed| elapsed >= self.window)
+    fn expired(&self, now: Mono) -> bool {
+        // Compared as elapsed time, so a window never overflows the clock.
+        now.since(self.since) >= self.window
     }
 }
 
@@ -50,7 +50,7 @@ impl<O> Entry<O> {
 #[derive(Clone, Debug)]
 pub struct ReportedFaults<K, O> {
     entries: HashMap<K, Entry<O>>,
-    by_deadline: BTreeMap<(SystemTime, u64), K>,
+    by_deadline: BTreeMap<(Mono, u64), K>,
     next_id: u64,
     capacity: usize,
     evicted: u64,
@@ -82,7 +82,7 @@ impl<K: Clone + Eq + Hash, O: Copy> ReportedFaults<K, O> {
         origin: O,
         window: Duration,
         sliding: bool,
-        now: SystemTime,
+        now: Mono,
     ) -> Seen<O> {
         self.expire(now);
         if let Some(entry) = self.entries.get(key)
@@ -99,21 +99,18 @@ impl<K: Clone + Eq + Hash, O: Copy> ReportedFaults<K, O> {
     }
 
     /// How many faults are remembered now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Faults forgotten before their window ended because [`CAPACITY`] was reached.
+    #[cfg(test)]
     pub fn evicted(&self) -> u64 {
         self.evicted
     }
 
-    fn remember(&mut self, key: K, origin: O, window: Duration, now: SystemTime) {
+    fn remember(&mut self, key: K, origin: O, window: Duration, now: Mono) {
         if let Some(old) = self.entries.remove(&key) {
             self.by_deadline.remove(&old.deadline);
         } else if self.entries.len() >= self.capacity
@@ -122,7 +119,7 @@ impl<K: Clone + Eq + Hash, O: Copy> ReportedFaults<K, O> {
             self.entries.remove(&oldest);
             self.evicted += 1;
         }
-        let deadline = (crate::time::add(now, window), self.next_id);
+        let deadline = (now.saturating_add(window), self.next_id);
         self.next_id += 1;
         self.by_deadline.insert(deadline, key.clone());
         self.entries.insert(
@@ -137,7 +134,7 @@ impl<K: Clone + Eq + Hash, O: Copy> ReportedFaults<K, O> {
     }
 
     /// Forgets, in deadline order, every fault whose window ended by `now`.
-    fn expire(&mut self, now: SystemTime) {
+    fn expire(&mut self, now: Mono) {
         while let Some((&deadline, key)) = self.by_deadline.first_key_value() {
             if deadline.0 > now || !self.entries.get(key).is_none_or(|e| e.expired(now)) {
                 break;
@@ -153,8 +150,8 @@ impl<K: Clone + Eq + Hash, O: Copy> ReportedFaults<K, O> {
 mod tests {
     use super::*;
 
-    fn t(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    fn t(secs: u64) -> Mono {
+        Mono::since_boot(Duration::from_secs(secs))
     }
 
     const MIN: Duration = Duration::from_secs(60);
@@ -198,7 +195,7 @@ mod tests {
         // A window longer than the clock can add never overflows, and stays until it ends.
         r.check(&9, (), Duration::MAX, false, t(500));
         assert_eq!(
-            r.check(&9, (), MIN, false, crate::time::latest()),
+            r.check(&9, (), MIN, false, Mono::ZERO.saturating_add(Duration::MAX)),
             Seen::Repeat { origin: () }
         );
     }

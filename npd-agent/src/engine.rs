@@ -9,28 +9,63 @@
 //! rules) is in one [`RegexSet`], so a message costs one scan whatever the number of rules;
 //! only patterns that can span lines use NPD's buffer of recent messages.
 
-use std::{
-    collections::VecDeque,
-    time::{Instant, SystemTime},
-};
+use std::{collections::VecDeque, time::SystemTime};
 
+use prometheus::{Counter, IntCounter, Registry};
 use regex::bytes::RegexSet;
-use serde::Serialize;
 
 use crate::{
     conditions::ConditionManager,
     dedup::{ReportedFaults, Seen},
-    event::KernelEvent,
+    event::{Detail, EventKind, KernelEvent, PerKind},
     problem::{Condition, ConditionChange, ProblemEvent, Report, Severity},
     rules::{
         Effect, Matcher, Rule, RuleSet,
         pattern::build_set,
-        structured::{self, BlockAt, DedupWindow, EventKind, FaultKey, disk_of},
+        structured::{self, BlockAt, DedupWindow, FaultKey, default_dedup, disk_of},
     },
+    time::{Mono, WallClock},
 };
 
-/// Counters for the metrics exporter. Plain numbers, monotonic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// The engine's metrics (see [`Engine::metrics`]).
+#[derive(Clone, Debug)]
+pub struct EngineMetrics {
+    /// `npd_problems_reported_total`.
+    pub problems_reported: IntCounter,
+    /// `npd_problems_deduplicated_total`.
+    pub problems_deduplicated: IntCounter,
+    /// `npd_rule_match_seconds_total`.
+    pub match_seconds: Counter,
+}
+
+impl EngineMetrics {
+    fn new() -> Self {
+        EngineMetrics {
+            problems_reported: crate::metrics::int_counter(
+                "npd_problems_reported_total",
+                "Problems reported by the rules engine (events and condition changes).",
+            ),
+            problems_deduplicated: crate::metrics::int_counter(
+                "npd_problems_deduplicated_total",
+                "Problems not reported again because another source already reported the same fault.",
+            ),
+            match_seconds: crate::metrics::counter(
+                "npd_rule_match_seconds_total",
+                "Time spent matching kernel events against rules.",
+            ),
+        }
+    }
+
+    /// Registers them (once per process).
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        crate::metrics::register(registry, &self.problems_reported)?;
+        crate::metrics::register(registry, &self.problems_deduplicated)?;
+        crate::metrics::register(registry, &self.match_seconds)
+    }
+}
+
+/// What the engine did, for tests and `replay`. Plain numbers, monotonic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
     /// Kernel messages matched against the log rules (empty ones are skipped, as NPD does).
     pub log_messages: u64,
@@ -48,8 +83,6 @@ pub struct EngineStats {
     pub correlated: u64,
     /// Permanent-rule matches that did not change their condition (already True, same reason).
     pub condition_repeats: u64,
-    /// Time spent in [`Engine::handle`] and [`Engine::on_deadline`], nanoseconds.
-    pub match_nanos: u64,
 }
 
 /// Where a problem was seen.
@@ -83,25 +116,21 @@ pub struct Engine {
     fast_rules: Vec<usize>,
     /// Log patterns that may span lines.
     slow_rules: Vec<usize>,
-    /// Structured rules by kind (hung task, OOM kill, block error).
-    structured: [Vec<usize>; 3],
+    /// Structured rules by kind.
+    structured: PerKind<Vec<usize>>,
     conditions: ConditionManager,
-    rates: Vec<VecDeque<SystemTime>>,
+    rates: Vec<VecDeque<Mono>>,
     reported: ReportedFaults<(String, FaultKey), Origin>,
     requests: FailedRequests,
+    /// Turns the kernel's times into the reports' wall-clock times.
+    clock: WallClock,
     stats: EngineStats,
-}
-
-fn kind_index(kind: EventKind) -> usize {
-    match kind {
-        EventKind::HungTask => 0,
-        EventKind::OomKill => 1,
-        EventKind::BlockError => 2,
-    }
+    metrics: EngineMetrics,
 }
 
 impl Engine {
-    /// Builds an engine; every condition starts in its default False state.
+    /// Builds an engine; every condition starts in its default False state. Its wall clock
+    /// says boot was at the Unix epoch (as `replay` wants) until [`Engine::set_clock`].
     pub fn new(rules: RuleSet) -> Engine {
         let mut conditions = ConditionManager::default();
         let mut files = Vec::new();
@@ -132,12 +161,12 @@ impl Engine {
         }
         let mut fast_rules = Vec::new();
         let mut slow_rules = Vec::new();
-        let mut structured: [Vec<usize>; 3] = Default::default();
+        let mut structured: PerKind<Vec<usize>> = PerKind::default();
         for (i, r) in flat.iter().enumerate() {
             match &r.rule.matcher {
                 Matcher::Log { pattern, .. } if pattern.last_line_only => fast_rules.push(i),
                 Matcher::Log { .. } => slow_rules.push(i),
-                Matcher::Event { kind, .. } => structured[kind_index(*kind)].push(i),
+                Matcher::Event { kind, .. } => structured[*kind].push(i),
             }
         }
         let fast_set = if fast_rules.is_empty() {
@@ -172,8 +201,21 @@ impl Engine {
             rates,
             reported: ReportedFaults::default(),
             requests: FailedRequests::default(),
+            clock: WallClock::booted_at(SystemTime::UNIX_EPOCH),
             stats: EngineStats::default(),
+            metrics: EngineMetrics::new(),
         }
+    }
+
+    /// The wall clock reports are stamped with from now on (the daemon takes the system's
+    /// again for every burst of events, so that a stepped wall clock is followed).
+    pub fn set_clock(&mut self, clock: WallClock) {
+        self.clock = clock;
+    }
+
+    /// Its metrics, to register.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
     }
 
     /// Every condition's default False state (with its source), for exporters to initialise;
@@ -187,7 +229,7 @@ impl Engine {
     /// [`ConditionManager::adopt`]): a True condition recovers after its rule's `recoverAfter`
     /// counted from `now` (the rule with the condition's reason; else the longest of the
     /// condition's rules). Returns the states that changed npd's view.
-    pub fn adopt(&mut self, found: &[Condition], now: SystemTime) -> Vec<ConditionChange> {
+    pub fn adopt(&mut self, found: &[Condition], now: Mono) -> Vec<ConditionChange> {
         let mut changes = Vec::new();
         for c in found {
             let rules = self.rules.iter().filter(|r| {
@@ -230,49 +272,77 @@ impl Engine {
         out
     }
 
-    /// The counters.
+    /// The counters (those also exported read from the metrics).
     pub fn stats(&self) -> EngineStats {
-        self.stats
+        EngineStats {
+            problems_reported: self.metrics.problems_reported.get(),
+            repeats_suppressed: self.metrics.problems_deduplicated.get(),
+            ..self.stats
+        }
     }
 
     /// When [`Engine::on_deadline`] has something to do (a condition recovery), if ever.
-    pub fn next_deadline(&self) -> Option<SystemTime> {
+    pub fn next_deadline(&self) -> Option<Mono> {
         self.conditions.next_deadline()
     }
 
     /// Does what is due at `now` (condition recoveries), in order.
-    pub fn on_deadline(&mut self, now: SystemTime) -> Vec<Report> {
-        let start = Instant::now();
+    pub fn on_deadline(&mut self, now: Mono) -> Vec<Report> {
         let mut out = Vec::new();
         self.expire(now, &mut out);
-        self.stats.match_nanos += elapsed_nanos(start);
+        self.count(&out);
         out
     }
 
-    /// Handles one kernel event at `now`; returns what to report, in order (anything due
-    /// before it first).
-    pub fn handle(&mut self, event: &KernelEvent, now: SystemTime) -> Vec<Report> {
-        let start = Instant::now();
+    /// Handles one kernel event at the time the kernel saw it; returns what to report, in
+    /// order (anything due before it first).
+    pub fn handle(&mut self, event: &KernelEvent) -> Vec<Report> {
         let mut out = Vec::new();
-        self.expire(now, &mut out);
-        match event {
-            KernelEvent::Log(log) => self.handle_log(&log.message, now, &mut out),
-            other => self.handle_structured(other, now, &mut out),
+        self.handle_into(event, &mut out);
+        self.count(&out);
+        out
+    }
+
+    /// Handles a burst of events: what to report, in order, each with the index of the event
+    /// it came from. The time it takes is counted in `npd_rule_match_seconds_total` (one clock
+    /// read per burst, not per event).
+    pub fn handle_batch(&mut self, events: &[KernelEvent]) -> Vec<(usize, Report)> {
+        let start = std::time::Instant::now();
+        let mut out = Vec::new();
+        let mut reports = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            self.handle_into(event, &mut reports);
+            out.extend(reports.drain(..).map(|r| (i, r)));
         }
-        self.stats.match_nanos += elapsed_nanos(start);
+        self.metrics
+            .match_seconds
+            .inc_by(start.elapsed().as_secs_f64());
+        self.metrics.problems_reported.inc_by(out.len() as u64);
         out
     }
 
-    fn expire(&mut self, now: SystemTime, out: &mut Vec<Report>) {
+    fn count(&self, reports: &[Report]) {
+        self.metrics.problems_reported.inc_by(reports.len() as u64);
+    }
+
+    fn handle_into(&mut self, event: &KernelEvent, out: &mut Vec<Report>) {
+        let now = event.at;
+        self.expire(now, out);
+        match &event.detail {
+            Detail::Log(log) => self.handle_log(&log.message, now, out),
+            other => self.handle_structured(other, now, out),
+        }
+    }
+
+    fn expire(&mut self, now: Mono, out: &mut Vec<Report>) {
         if self.conditions.next_deadline().is_some_and(|d| d <= now) {
-            for change in self.conditions.expire(now) {
-                self.stats.problems_reported += 1;
+            for change in self.conditions.expire(now, &self.clock) {
                 out.push(Report::Condition(change));
             }
         }
     }
 
-    fn handle_log(&mut self, message: &str, now: SystemTime, out: &mut Vec<Report>) {
+    fn handle_log(&mut self, message: &str, now: Mono, out: &mut Vec<Report>) {
         // NPD trims each message and skips empty ones.
         let msg = message.trim();
         if msg.is_empty() {
@@ -373,19 +443,16 @@ impl Engine {
         }
     }
 
-    fn handle_structured(&mut self, event: &KernelEvent, now: SystemTime, out: &mut Vec<Report>) {
-        let Some(kind) = EventKind::of(event) else {
-            return;
-        };
+    fn handle_structured(&mut self, event: &Detail, now: Mono, out: &mut Vec<Report>) {
+        let kind = event.kind();
         self.stats.structured_events += 1;
         let fault = FaultKey::of_event(event);
-        if let (KernelEvent::BlockError(b), Some(FaultKey::BlockError { device, .. })) =
-            (event, &fault)
+        if let (Detail::BlockError(b), Some(FaultKey::BlockError { device, .. })) = (event, &fault)
         {
             self.requests.note(device, b.sector, b.nr_sectors, now);
         }
-        for n in 0..self.structured[kind_index(kind)].len() {
-            let i = self.structured[kind_index(kind)][n];
+        for n in 0..self.structured[kind].len() {
+            let i = self.structured[kind][n];
             let Matcher::Event {
                 filters, template, ..
             } = &self.rules[i].rule.matcher
@@ -421,7 +488,7 @@ impl Engine {
         fields: serde_json::Map<String, serde_json::Value>,
         fault: Option<FaultKey>,
         origin: Origin,
-        now: SystemTime,
+        now: Mono,
         out: &mut Vec<Report>,
     ) {
         let rule = &self.rules[i].rule;
@@ -430,9 +497,7 @@ impl Engine {
             let seen = &mut self.rates[i];
             seen.push_back(now);
             while seen.len() > rate.count as usize
-                || seen
-                    .front()
-                    .is_some_and(|&t| elapsed(t, now) >= rate.window)
+                || seen.front().is_some_and(|&t| now.since(t) >= rate.window)
             {
                 seen.pop_front();
             }
@@ -452,8 +517,9 @@ impl Engine {
         let source = self.files[self.rules[i].file].source.clone();
         match rule.effect.clone() {
             Effect::Temporary => {
-                if let Some(fault) = fault {
-                    let default = fault.kind().default_dedup();
+                if let Some(fault) = fault
+                    && let Some(default) = default_dedup(fault.kind())
+                {
                     let window = DedupWindow {
                         window: rule.dedup_window.unwrap_or(default.window),
                         ..default
@@ -462,24 +528,26 @@ impl Engine {
                         return;
                     }
                 }
-                self.stats.problems_reported += 1;
                 out.push(Report::Event(ProblemEvent {
                     source,
                     severity: Severity::Warning,
                     reason,
                     message,
-                    timestamp: now,
+                    timestamp: self.clock.wall(now),
                     fields,
                 }));
             }
             Effect::Permanent { condition } => {
                 let recover_after = rule.recover_after;
-                match self
-                    .conditions
-                    .set_true(&condition, &reason, &message, now, recover_after)
-                {
+                let wall = self.clock.wall(now);
+                match self.conditions.set_true(
+                    &condition,
+                    &reason,
+                    &message,
+                    (now, wall),
+                    recover_after,
+                ) {
                     Some(change) => {
-                        self.stats.problems_reported += 1;
                         out.push(Report::Condition(change));
                     }
                     None => self.stats.condition_repeats += 1,
@@ -496,7 +564,7 @@ impl Engine {
         fault: FaultKey,
         window: DedupWindow,
         origin: Origin,
-        now: SystemTime,
+        now: Mono,
     ) -> bool {
         match self
             .reported
@@ -504,7 +572,7 @@ impl Engine {
         {
             Seen::New => false,
             Seen::Repeat { origin: first } => {
-                self.stats.repeats_suppressed += 1;
+                self.metrics.problems_deduplicated.inc();
                 if first != origin {
                     self.stats.correlated += 1;
                 }
@@ -520,7 +588,7 @@ impl Engine {
 /// block-error de-duplication window.
 #[derive(Clone, Debug, Default)]
 struct FailedRequests {
-    by_disk: std::collections::HashMap<String, VecDeque<(SystemTime, u64, u32)>>,
+    by_disk: std::collections::HashMap<String, VecDeque<(Mono, u64, u32)>>,
 }
 
 impl FailedRequests {
@@ -529,14 +597,14 @@ impl FailedRequests {
     const DISKS: usize = 256;
 
     fn window() -> std::time::Duration {
-        EventKind::BlockError.default_dedup().window
+        default_dedup(EventKind::BlockError).map_or(std::time::Duration::ZERO, |d| d.window)
     }
 
-    fn note(&mut self, disk: &str, sector: u64, nr_sectors: u32, now: SystemTime) {
+    fn note(&mut self, disk: &str, sector: u64, nr_sectors: u32, now: Mono) {
         if !self.by_disk.contains_key(disk) && self.by_disk.len() >= Self::DISKS {
             self.by_disk.retain(|_, r| {
                 r.back()
-                    .is_some_and(|&(t, ..)| elapsed(t, now) < Self::window())
+                    .is_some_and(|&(t, ..)| now.since(t) < Self::window())
             });
             if self.by_disk.len() >= Self::DISKS {
                 return;
@@ -553,7 +621,7 @@ impl FailedRequests {
     /// a partition the block's disk sector depends on where the partition starts, which the
     /// line does not say): a block of 512 to 64 KiB bytes whose first sector is in the request.
     /// Any other fault is returned unchanged.
-    fn correlate(&self, fault: FaultKey, now: SystemTime) -> FaultKey {
+    fn correlate(&self, fault: FaultKey, now: Mono) -> FaultKey {
         let FaultKey::BlockError {
             device,
             at: BlockAt::LogicalBlock(block),
@@ -568,7 +636,7 @@ impl FailedRequests {
             return fault;
         };
         let hit = recent.iter().rev().find(|&&(t, start, len)| {
-            elapsed(t, now) < Self::window()
+            now.since(t) < Self::window()
                 && (0..8).any(|shift| {
                     block
                         .checked_mul(1 << shift)
@@ -583,13 +651,4 @@ impl FailedRequests {
             None => fault,
         }
     }
-}
-
-/// How long after `since` it is at `now` (zero when the clock went back).
-fn elapsed(since: SystemTime, now: SystemTime) -> std::time::Duration {
-    now.duration_since(since).unwrap_or_default()
-}
-
-fn elapsed_nanos(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }

@@ -10,17 +10,28 @@ use serde_json::{Value, json};
 use crate::{
     commands::replay::replay,
     engine::Engine,
-    event::{BlockError, BlockOp, DevNum, HungTask, KernelEvent, LogMessage, OomKill},
+    event::{BlockError, BlockOp, Detail, KernelEvent, LogMessage, OomKill, fixtures},
     problem::{ConditionStatus, Report, condition_change_message},
     rules::RuleSet,
+    time::Mono,
 };
 
 fn t(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
-fn log(text: &str) -> KernelEvent {
-    KernelEvent::Log(LogMessage::new(text))
+fn log(text: &str) -> Detail {
+    Detail::Log(LogMessage::new(text))
+}
+
+/// `time` on the kernel's clock (boot at the epoch, as `replay` has it).
+fn mono(time: SystemTime) -> Mono {
+    Mono::since_boot(time.duration_since(SystemTime::UNIX_EPOCH).unwrap())
+}
+
+/// `detail` seen at `time`.
+fn at(time: SystemTime, detail: &Detail) -> KernelEvent {
+    KernelEvent::new(mono(time), detail.clone())
 }
 
 /// Replays text through the embedded defaults (or the given rule files) and returns the JSON
@@ -74,7 +85,7 @@ fn npd_readme_docker_hung() {
 fn npd_docker_hung_condition_change_message() {
     let mut engine = Engine::new(RuleSet::defaults());
     let line = "INFO: task docker:20744 blocked for more than 120 seconds.";
-    let reports = engine.handle(&log(line), t(1));
+    let reports = engine.handle(&at(t(1), &log(line)));
     let Some(Report::Condition(change)) = reports.last() else {
         panic!("{reports:?}")
     };
@@ -275,11 +286,8 @@ fn default_rule_inventory() {
     assert_eq!(reasons.iter().filter(|r| r.1 == "KernelOops").count(), 1);
 }
 
-fn hung(pid: i32, comm: &str) -> KernelEvent {
-    KernelEvent::HungTask(HungTask {
-        pid,
-        comm: comm.into(),
-    })
+fn hung(pid: i32, comm: &str) -> Detail {
+    Detail::from(fixtures::hung(pid, comm))
 }
 
 fn reasons(reports: &[Report]) -> Vec<String> {
@@ -297,7 +305,7 @@ fn reasons(reports: &[Report]) -> Vec<String> {
 #[test]
 fn hung_task_is_one_problem() {
     let mut engine = Engine::new(RuleSet::defaults());
-    let first = engine.handle(&hung(1234, "dd"), t(100));
+    let first = engine.handle(&at(t(100), &hung(1234, "dd")));
     assert_eq!(reasons(&first), ["TaskHung"]);
     let Report::Event(e) = &first[0] else {
         panic!()
@@ -311,22 +319,22 @@ fn hung_task_is_one_problem() {
     // The kernel's own line for the same fault, then the detector's next sightings.
     assert!(
         engine
-            .handle(
-                &log("INFO: task dd:1234 blocked for more than 2 seconds."),
-                t(100)
-            )
+            .handle(&at(
+                t(100),
+                &log("INFO: task dd:1234 blocked for more than 2 seconds.")
+            ))
             .is_empty()
     );
     for i in 1..=12 {
         assert!(
             engine
-                .handle(&hung(1234, "dd"), t(100 + 120 * i))
+                .handle(&at(t(100 + 120 * i), &hung(1234, "dd")))
                 .is_empty()
         );
     }
     // Another task is another problem.
     assert_eq!(
-        reasons(&engine.handle(&hung(99, "dd"), t(2000))),
+        reasons(&engine.handle(&at(t(2000), &hung(99, "dd")))),
         ["TaskHung"]
     );
     let s = engine.stats();
@@ -340,13 +348,13 @@ fn hung_task_is_one_problem() {
 fn hung_task_line_first_then_tracepoint() {
     let mut engine = Engine::new(RuleSet::defaults());
     assert_eq!(
-        reasons(&engine.handle(
-            &log("INFO: task dd:77 blocked for more than 120 seconds."),
-            t(5)
-        )),
+        reasons(&engine.handle(&at(
+            t(5),
+            &log("INFO: task dd:77 blocked for more than 120 seconds.")
+        ))),
         ["TaskHung"]
     );
-    assert!(engine.handle(&hung(77, "dd"), t(5)).is_empty());
+    assert!(engine.handle(&at(t(5), &hung(77, "dd"))).is_empty());
     assert_eq!(engine.stats().correlated, 1);
 }
 
@@ -355,7 +363,7 @@ fn hung_task_after_the_kernel_stops_printing() {
     // hung_task_warnings exhausted: only the tracepoint fires, and npd still reports it.
     let mut engine = Engine::new(RuleSet::defaults());
     assert_eq!(
-        reasons(&engine.handle(&hung(4242, "postgres"), t(1))),
+        reasons(&engine.handle(&at(t(1), &hung(4242, "postgres")))),
         ["TaskHung"]
     );
 }
@@ -363,7 +371,7 @@ fn hung_task_after_the_kernel_stops_printing() {
 #[test]
 fn docker_hang_structured_and_printed() {
     let mut engine = Engine::new(RuleSet::defaults());
-    let out = engine.handle(&hung(20744, "docker"), t(1));
+    let out = engine.handle(&at(t(1), &hung(20744, "docker")));
     assert_eq!(reasons(&out), ["TaskHung", "KernelDeadlock=True"]);
     let Report::Condition(c) = &out[1] else {
         panic!()
@@ -372,10 +380,10 @@ fn docker_hang_structured_and_printed() {
     assert_eq!(c.source, "kernel-monitor");
     assert!(
         engine
-            .handle(
-                &log("INFO: task docker:20744 blocked for more than 120 seconds."),
-                t(1)
-            )
+            .handle(&at(
+                t(1),
+                &log("INFO: task docker:20744 blocked for more than 120 seconds.")
+            ))
             .is_empty()
     );
     assert_eq!(engine.stats().condition_repeats, 1);
@@ -384,7 +392,7 @@ fn docker_hang_structured_and_printed() {
 #[test]
 fn oom_kill_is_one_problem() {
     let mut engine = Engine::new(RuleSet::defaults());
-    let oom = KernelEvent::OomKill(OomKill {
+    let oom = Detail::OomKill(OomKill {
         pid: 1234,
         comm: Some("stress".into()),
         uid: Some(0),
@@ -395,7 +403,7 @@ fn oom_kill_is_one_problem() {
         pgtables_kb: Some(2092),
         oom_score_adj: Some(0),
     });
-    let out = engine.handle(&oom, t(1));
+    let out = engine.handle(&at(t(1), &oom));
     assert_eq!(reasons(&out), ["OOMKilling"]);
     let Report::Event(e) = &out[0] else { panic!() };
     let text = "Killed process 1234 (stress) total-vm:1049044kB, anon-rss:1047588kB, file-rss:4kB, shmem-rss:0kB, UID:0 pgtables:2092kB oom_score_adj:0";
@@ -407,35 +415,30 @@ fn oom_kill_is_one_problem() {
         &printed,
         "oom_reaper: reaped process 1234 (stress), now anon-rss:0kB, file-rss:0kB, shmem-rss:0kB",
     ] {
-        assert!(engine.handle(&log(line), t(1)).is_empty(), "{line}");
+        assert!(engine.handle(&at(t(1), &log(line))).is_empty(), "{line}");
     }
     // A second kill is a second problem.
-    let other = KernelEvent::OomKill(OomKill {
+    let other = Detail::OomKill(OomKill {
         pid: 1300,
         ..Default::default()
     });
-    assert_eq!(reasons(&engine.handle(&other, t(2))), ["OOMKilling"]);
+    assert_eq!(reasons(&engine.handle(&at(t(2), &other))), ["OOMKilling"]);
     // The kernel reuses pids: a victim with pid 1234 a minute later is another kill.
-    assert_eq!(reasons(&engine.handle(&oom, t(61))), ["OOMKilling"]);
-    assert!(engine.handle(&log(&printed), t(61)).is_empty());
+    assert_eq!(reasons(&engine.handle(&at(t(61), &oom))), ["OOMKilling"]);
+    assert!(engine.handle(&at(t(61), &log(&printed))).is_empty());
 }
 
-fn block(device: &str) -> KernelEvent {
-    KernelEvent::BlockError(BlockError {
-        device: Some(device.into()),
-        dev: DevNum { major: 7, minor: 0 },
-        sector: 24576,
-        nr_sectors: 8,
-        op: BlockOp::Read,
+fn block(device: &str) -> Detail {
+    Detail::BlockError(BlockError {
         rwbs: "RA".into(),
-        error: -5,
+        ..fixtures::block_error(Some(device))
     })
 }
 
 #[test]
 fn block_error_is_one_problem() {
     let mut engine = Engine::new(RuleSet::defaults());
-    let out = engine.handle(&block("loop0"), t(10));
+    let out = engine.handle(&at(t(10), &block("loop0")));
     assert_eq!(reasons(&out), ["IOError"]);
     let Report::Event(e) = &out[0] else { panic!() };
     assert_eq!(
@@ -447,14 +450,17 @@ fn block_error_is_one_problem() {
         "I/O error, dev loop0, sector 24576 op 0x0:(READ) flags 0x80700 phys_seg 1 prio class 2",
         "Buffer I/O error on dev loop0, logical block 3072, async page read",
     ] {
-        assert!(engine.handle(&log(line), t(10)).is_empty(), "{line}");
+        assert!(engine.handle(&at(t(10), &log(line))).is_empty(), "{line}");
     }
     // Readahead retries of the same request in the same burst.
-    assert!(engine.handle(&block("loop0"), t(11)).is_empty());
+    assert!(engine.handle(&at(t(11), &block("loop0"))).is_empty());
     // Another disk; and the same disk after the window.
-    assert_eq!(reasons(&engine.handle(&block("loop1"), t(12))), ["IOError"]);
     assert_eq!(
-        reasons(&engine.handle(&block("loop0"), t(100))),
+        reasons(&engine.handle(&at(t(12), &block("loop1")))),
+        ["IOError"]
+    );
+    assert_eq!(
+        reasons(&engine.handle(&at(t(100), &block("loop0")))),
         ["IOError"]
     );
 }
@@ -468,23 +474,29 @@ fn distinct_block_errors_are_distinct_problems() {
     let mut reported = 0;
     for n in 0..166u64 {
         let line = format!("Buffer I/O error on dev sdb, logical block {n}, async page read");
-        reported += reasons(&engine.handle(&log(&line), t(1))).len();
+        reported += reasons(&engine.handle(&at(t(1), &log(&line)))).len();
         // The same line again (the kernel printing the same buffer twice).
-        assert!(engine.handle(&log(&line), t(1)).is_empty(), "{line}");
+        assert!(engine.handle(&at(t(1), &log(&line))).is_empty(), "{line}");
     }
     assert_eq!(reported, 166);
     let mut other_sector = block("loop0");
-    if let KernelEvent::BlockError(b) = &mut other_sector {
+    if let Detail::BlockError(b) = &mut other_sector {
         b.sector = 8;
     }
-    assert_eq!(reasons(&engine.handle(&block("loop0"), t(2))), ["IOError"]);
-    assert_eq!(reasons(&engine.handle(&other_sector, t(2))), ["IOError"]);
+    assert_eq!(
+        reasons(&engine.handle(&at(t(2), &block("loop0")))),
+        ["IOError"]
+    );
+    assert_eq!(
+        reasons(&engine.handle(&at(t(2), &other_sector))),
+        ["IOError"]
+    );
     // A logical block outside every failed request on that disk is a fault of its own.
     assert_eq!(
-        reasons(&engine.handle(
-            &log("Buffer I/O error on dev loop0, logical block 9999"),
-            t(2)
-        )),
+        reasons(&engine.handle(&at(
+            t(2),
+            &log("Buffer I/O error on dev loop0, logical block 9999")
+        ))),
         ["IOError"]
     );
 }
@@ -521,14 +533,18 @@ fn recovery_after_a_quiet_period() {
     let mut engine = Engine::new(set);
     assert_eq!(engine.next_deadline(), None);
     assert_eq!(
-        reasons(&engine.handle(&log("thing happened"), t(0))),
+        reasons(&engine.handle(&at(t(0), &log("thing happened")))),
         ["FrequentThing=True"]
     );
-    assert_eq!(engine.next_deadline(), Some(t(600)));
-    assert!(engine.handle(&log("thing happened"), t(300)).is_empty());
-    assert_eq!(engine.next_deadline(), Some(t(900)));
-    assert!(engine.on_deadline(t(899)).is_empty());
-    let back = engine.on_deadline(t(900));
+    assert_eq!(engine.next_deadline(), Some(mono(t(600))));
+    assert!(
+        engine
+            .handle(&at(t(300), &log("thing happened")))
+            .is_empty()
+    );
+    assert_eq!(engine.next_deadline(), Some(mono(t(900))));
+    assert!(engine.on_deadline(mono(t(899))).is_empty());
+    let back = engine.on_deadline(mono(t(900)));
     let [Report::Condition(c)] = back.as_slice() else {
         panic!("{back:?}")
     };
@@ -543,8 +559,8 @@ fn recovery_after_a_quiet_period() {
     assert_eq!(c.severity(), crate::problem::Severity::Normal);
     assert_eq!(engine.next_deadline(), None);
     // handle() also does what is due first.
-    engine.handle(&log("thing happened"), t(1000));
-    let out = engine.handle(&log("unrelated"), t(5000));
+    engine.handle(&at(t(1000), &log("thing happened")));
+    let out = engine.handle(&at(t(5000), &log("unrelated")));
     assert_eq!(reasons(&out), ["FrequentThing=False"]);
 }
 
@@ -559,11 +575,11 @@ fn rate_condition_without_a_plugin() {
     );
     let mut engine = Engine::new(set);
     let line = "unregister_netdevice: waiting for eth0 to become free. Usage count = 1";
-    assert!(engine.handle(&log(line), t(0)).is_empty());
-    assert!(engine.handle(&log(line), t(60)).is_empty());
+    assert!(engine.handle(&at(t(0), &log(line))).is_empty());
+    assert!(engine.handle(&at(t(60), &log(line))).is_empty());
     // The first one is out of the 20-minute window by now.
-    assert!(engine.handle(&log(line), t(1210)).is_empty());
-    let out = engine.handle(&log(line), t(1250));
+    assert!(engine.handle(&at(t(1210), &log(line))).is_empty());
+    let out = engine.handle(&at(t(1250), &log(line)));
     let [Report::Condition(c)] = out.as_slice() else {
         panic!("{out:?}")
     };
@@ -580,16 +596,19 @@ fn structured_filters_and_templates() {
              "message":"write to {device} failed at sector {sector} ({error}, errno {errno})"}]}"#,
     );
     let mut engine = Engine::new(set);
-    assert!(engine.handle(&block("loop0"), t(0)).is_empty(), "a read");
-    let write = KernelEvent::BlockError(BlockError {
+    assert!(
+        engine.handle(&at(t(0), &block("loop0"))).is_empty(),
+        "a read"
+    );
+    let write = Detail::BlockError(BlockError {
         op: BlockOp::Write,
         rwbs: "W".into(),
         ..match block("loop0") {
-            KernelEvent::BlockError(b) => b,
+            Detail::BlockError(b) => b,
             _ => unreachable!(),
         }
     });
-    let out = engine.handle(&write, t(0));
+    let out = engine.handle(&at(t(0), &write));
     let [Report::Event(e)] = out.as_slice() else {
         panic!("{out:?}")
     };
@@ -603,22 +622,25 @@ fn structured_filters_and_templates() {
 fn hostile_messages() {
     let mut engine = Engine::new(RuleSet::defaults());
     let big = format!("EXT4-fs error {}", "x".repeat(100 * 1024));
-    assert_eq!(reasons(&engine.handle(&log(&big), t(0))), ["Ext4Error"]);
+    assert_eq!(
+        reasons(&engine.handle(&at(t(0), &log(&big)))),
+        ["Ext4Error"]
+    );
     assert!(
         engine
-            .handle(&log(&"\u{fffd}".repeat(50_000)), t(0))
+            .handle(&at(t(0), &log(&"\u{fffd}".repeat(50_000))))
             .is_empty()
     );
-    assert!(engine.handle(&log(""), t(0)).is_empty());
-    assert!(engine.handle(&log("   \t  "), t(0)).is_empty());
+    assert!(engine.handle(&at(t(0), &log(""))).is_empty());
+    assert!(engine.handle(&at(t(0), &log("   \t  "))).is_empty());
     let set = rules(
         r#"{"source":"m","bufferSize":1000,"rules":[{"type":"temporary","reason":"X","pattern":"a[\\s\\S]*b"}]}"#,
     );
     let mut engine = Engine::new(set);
     for _ in 0..50 {
-        engine.handle(&log(&"a".repeat(10_000)), t(0));
+        engine.handle(&at(t(0), &log(&"a".repeat(10_000))));
     }
-    assert_eq!(reasons(&engine.handle(&log("b"), t(0))), ["X"]);
+    assert_eq!(reasons(&engine.handle(&at(t(0), &log("b")))), ["X"]);
 }
 
 /// Times a replayed line claims are clamped to year 9999: no overflow, and every report is

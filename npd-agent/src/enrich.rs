@@ -7,7 +7,10 @@
 
 use std::path::PathBuf;
 
-use crate::{event::KernelEvent, sensor::blockdev};
+use crate::{
+    event::{Detail, KernelEvent},
+    sensor::blockdev,
+};
 
 /// Adds host facts to kernel events.
 #[derive(Clone, Debug)]
@@ -27,7 +30,7 @@ impl Default for Enricher {
 impl Enricher {
     /// Fills in what `event` lacks. Most events need nothing and cost nothing.
     pub async fn enrich(&self, event: &mut KernelEvent) {
-        if let KernelEvent::BlockError(b) = event
+        if let Detail::BlockError(b) = &mut event.detail
             && b.device.is_none()
         {
             let (root, dev) = (self.dev_block.clone(), b.dev);
@@ -42,7 +45,10 @@ impl Enricher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{BlockError, BlockOp, DevNum, LogMessage};
+    use crate::{
+        event::{LogMessage, fixtures},
+        time::Mono,
+    };
 
     #[tokio::test]
     async fn block_errors_get_their_device_name() {
@@ -53,23 +59,16 @@ mod tests {
         let enricher = Enricher {
             dev_block: dir.clone(),
         };
-        let mut event = KernelEvent::BlockError(BlockError {
-            device: None,
-            dev: DevNum { major: 7, minor: 0 },
-            sector: 1,
-            nr_sectors: 1,
-            op: BlockOp::Read,
-            rwbs: "R".into(),
-            error: -5,
-        });
+        let mut event = KernelEvent::new(Mono::ZERO, fixtures::block_error(None));
         enricher.enrich(&mut event).await;
-        let KernelEvent::BlockError(b) = &event else {
+        let Detail::BlockError(b) = &event.detail else {
             unreachable!()
         };
         assert_eq!(b.device.as_deref(), Some("loop0"));
-        let mut log = KernelEvent::Log(LogMessage::new("x"));
+        let mut log = KernelEvent::new(Mono::ZERO, LogMessage::new("x"));
+        let before = log.clone();
         enricher.enrich(&mut log).await;
-        assert_eq!(log, KernelEvent::Log(LogMessage::new("x")));
+        assert_eq!(log, before);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,26 +1,26 @@
-//! npd's own health (`/healthz`) and the current conditions (`/conditions`).
+//! npd's own health (`/healthz`).
 //!
 //! `/healthz` is healthy only while the sensor's reader runs, no kernel event was lost within
 //! the loss window, and the exporter (when one is watched) says it is not stuck. NPD's
 //! `/healthz` always answers `ok`, even with its kernel monitor dead; npd's says what is wrong.
-//! Everything is read when asked: nothing polls.
+//! Everything is read when asked, from one snapshot of the sensor: nothing polls.
 
 use std::{
     fmt::Write as _,
-    sync::{Mutex, RwLock, atomic::Ordering},
-    time::{Duration, Instant, SystemTime},
+    sync::{Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
 use crate::{
-    problem::{Condition, Report},
-    sensor::{ActiveSource, EVENT_KINDS, SensorProbe},
+    event::PerKind,
+    sensor::{SensorSnapshot, SensorView},
 };
 
 type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Decides whether npd is healthy.
 pub struct Health {
-    sensor: SensorProbe,
+    sensor: SensorView,
     exporter: RwLock<Option<Check>>,
     loss_window: Duration,
     losses: Mutex<LossTracker>,
@@ -76,7 +76,7 @@ impl HealthReport {
 impl Health {
     /// Checks `sensor`; a loss makes npd unhealthy for `loss_window` after it was first seen
     /// (zero: losses are reported in the body but never make it unhealthy).
-    pub fn new(sensor: SensorProbe, loss_window: Duration) -> Self {
+    pub fn new(sensor: SensorView, loss_window: Duration) -> Self {
         let seen = sensor.lost_total();
         Self {
             sensor,
@@ -101,82 +101,50 @@ impl Health {
     }
 
     fn check_at(&self, now: Instant) -> HealthReport {
-        let sensor = &self.sensor;
-        let stats = &sensor.stats;
+        let snap = self.sensor.snapshot();
         let mut problems = Vec::new();
         let mut facts = Vec::new();
 
-        let tracepoints = if sensor.attached.is_empty() {
+        let tracepoints = if snap.attached.is_empty() {
             "none".to_string()
         } else {
-            sensor.attached.join(",")
+            snap.attached.join(",")
         };
         let mut source = format!(
             "source: {}; tracepoints attached: {tracepoints}",
-            sensor.source.as_str()
+            snap.source
         );
-        if sensor.source == ActiveSource::Ebpf && sensor.kmsg_reader {
+        if snap.source == "ebpf" && snap.kmsg_reader {
             source.push_str("; kernel messages from /dev/kmsg");
         }
         facts.push(source);
-        for (tp, why) in sensor.disabled.iter() {
+        for (tp, why) in &snap.disabled {
             facts.push(format!("tracepoint {tp} disabled: {why}"));
         }
 
-        if !sensor.reading() {
-            let why = sensor
-                .reader_error()
+        if !snap.reading {
+            let why = snap
+                .reader_error
+                .clone()
                 .unwrap_or_else(|| "reader stopped".into());
             problems.push(format!(
                 "sensor is not reading kernel events: {why}; restarting with backoff"
             ));
         }
-        let restarts = stats.reader_restarts.load(Ordering::Relaxed);
-        if restarts > 0 {
-            let last = sensor.reader_error().unwrap_or_default();
+        if snap.reader_restarts > 0 {
+            let last = snap.reader_error.clone().unwrap_or_default();
             facts.push(format!(
-                "reader restarts: {restarts} (last failure: {last})"
+                "reader restarts: {} (last failure: {last})",
+                snap.reader_restarts
             ));
         }
+        facts.push(format!("received: {}", per_kind(&snap.received, true)));
 
-        let received: Vec<String> = EVENT_KINDS
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{k}={}", stats.received[i].load(Ordering::Relaxed)))
-            .collect();
-        facts.push(format!("received: {}", received.join(" ")));
-
-        let losses = sensor.losses();
-        let kmsg_lost = stats.kmsg_lost.load(Ordering::Relaxed);
-        let total = losses.total() + kmsg_lost;
-        let mut detail = Vec::new();
-        let per_kind = |counts: &[u64; 4]| {
-            EVENT_KINDS
-                .iter()
-                .zip(counts)
-                .filter(|(_, n)| **n > 0)
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        if losses.ring_full.iter().any(|n| *n > 0) {
-            detail.push(format!("ring buffer full: {}", per_kind(&losses.ring_full)));
-        }
-        if losses.read_errors.iter().any(|n| *n > 0) {
-            detail.push(format!("read errors: {}", per_kind(&losses.read_errors)));
-        }
-        if kmsg_lost > 0 {
-            detail.push(format!("/dev/kmsg overwritten: {kmsg_lost}"));
-        }
-        let detail = if detail.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", detail.join("; "))
-        };
+        let total = snap.lost();
+        let detail = loss_detail(&snap);
         facts.push(format!("lost: {total}{detail}"));
-        let decode_errors = stats.decode_errors.load(Ordering::Relaxed);
-        if decode_errors > 0 {
-            facts.push(format!("decode errors: {decode_errors}"));
+        if snap.decode_errors > 0 {
+            facts.push(format!("decode errors: {}", snap.decode_errors));
         }
 
         let last_increase = {
@@ -218,90 +186,66 @@ impl Health {
     }
 }
 
-/// The current state of every condition npd owns, for `/conditions`.
-#[derive(Debug, Default)]
-pub struct ConditionBoard {
-    entries: RwLock<Vec<(Condition, SystemTime)>>,
+/// `log=1 hung_task=0 ...`, every kind or only those above zero.
+fn per_kind(counts: &PerKind<u64>, all: bool) -> String {
+    counts
+        .iter()
+        .filter(|(_, n)| all || **n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
-impl ConditionBoard {
-    /// An empty board.
-    pub fn new() -> Self {
-        Self::default()
+/// ` (ring buffer full: log=3; /dev/kmsg overwritten: 5)`, or nothing without losses.
+fn loss_detail(snap: &SensorSnapshot) -> String {
+    let mut detail = Vec::new();
+    let losses = &snap.losses;
+    if losses.ring_full.0.iter().any(|n| *n > 0) {
+        detail.push(format!(
+            "ring buffer full: {}",
+            per_kind(&losses.ring_full, false)
+        ));
     }
-
-    /// Sets a condition's state (initial conditions at start, or any update).
-    pub fn set(&self, condition: &Condition) {
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        let now = SystemTime::now();
-        match entries.iter_mut().find(|(c, _)| c.type_ == condition.type_) {
-            Some(entry) => *entry = (condition.clone(), now),
-            None => entries.push((condition.clone(), now)),
-        }
+    if losses.read_errors.0.iter().any(|n| *n > 0) {
+        detail.push(format!(
+            "read errors: {}",
+            per_kind(&losses.read_errors, false)
+        ));
     }
-
-    /// Applies a report: a condition change updates its condition; events change nothing.
-    pub fn observe_report(&self, report: &Report) {
-        if let Report::Condition(change) = report {
-            self.set(&change.condition);
-        }
+    if snap.kmsg_lost > 0 {
+        detail.push(format!("/dev/kmsg overwritten: {}", snap.kmsg_lost));
     }
-
-    /// The conditions, in the order they first appeared.
-    pub fn snapshot(&self) -> Vec<Condition> {
-        self.entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(c, _)| c.clone())
-            .collect()
-    }
-
-    /// The conditions as NPD's `/conditions` returns them: a JSON array of Kubernetes
-    /// `NodeCondition`s (`type`, `status`, `lastHeartbeatTime`, `lastTransitionTime`, `reason`,
-    /// `message`); the heartbeat is when npd last updated the condition.
-    pub fn to_json(&self) -> serde_json::Value {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        let time = |t: &SystemTime| crate::time::rfc3339(*t);
-        serde_json::Value::Array(
-            entries
-                .iter()
-                .map(|(c, updated)| {
-                    serde_json::json!({
-                        "type": c.type_,
-                        "status": c.status.as_str(),
-                        "lastHeartbeatTime": time(updated),
-                        "lastTransitionTime": time(&c.transition_time),
-                        "reason": c.reason,
-                        "message": c.message,
-                    })
-                })
-                .collect(),
-        )
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", detail.join("; "))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, atomic::AtomicBool};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
 
     use super::*;
     use crate::{
-        problem::{ConditionChange, ConditionStatus},
-        sensor::SensorStats,
+        event::EventKind,
+        sensor::{ActiveSource, SensorStats},
     };
 
     fn health(window: Duration) -> (Health, Arc<SensorStats>) {
         let stats = Arc::new(SensorStats::default());
-        stats.reading.store(true, Ordering::SeqCst);
-        let probe = SensorProbe::detached(ActiveSource::Kmsg, stats.clone());
-        (Health::new(probe, window), stats)
+        stats.reader_running();
+        let view = SensorView::detached(ActiveSource::Kmsg, stats.clone());
+        (Health::new(view, window), stats)
     }
 
     #[test]
     fn healthy_while_reading_without_losses() {
         let (health, stats) = health(Duration::from_secs(300));
-        stats.received[0].store(12, Ordering::Relaxed);
+        stats.metrics.received[EventKind::Log].inc_by(12);
         let report = health.check();
         assert!(report.healthy, "{report:?}");
         assert_eq!(report.status(), 200);
@@ -314,7 +258,7 @@ mod tests {
     #[test]
     fn a_stopped_reader_is_unhealthy_with_its_reason() {
         let (health, stats) = health(Duration::from_secs(300));
-        stats.reader_failed("/dev/kmsg", "read failed: EIO");
+        stats.reader_failed("/dev/kmsg", &"read failed: EIO");
         let report = health.check();
         assert_eq!(report.status(), 503);
         assert_eq!(
@@ -323,7 +267,7 @@ mod tests {
                 "sensor is not reading kernel events: /dev/kmsg reader stopped: read failed: EIO; restarting with backoff"
             ]
         );
-        stats.reading.store(true, Ordering::SeqCst);
+        stats.reader_running();
         assert!(health.check().healthy);
     }
 
@@ -331,7 +275,7 @@ mod tests {
     fn losses_are_unhealthy_for_the_window_after_the_last_one() {
         let (health, stats) = health(Duration::from_secs(60));
         let t0 = Instant::now();
-        stats.kmsg_lost.store(5, Ordering::Relaxed);
+        stats.kmsg_lost(5);
         let report = health.check_at(t0);
         assert!(!report.healthy);
         assert!(report.problems[0].starts_with(
@@ -344,14 +288,14 @@ mod tests {
         );
         assert!(!health.check_at(t0 + Duration::from_secs(59)).healthy);
         assert!(health.check_at(t0 + Duration::from_secs(60)).healthy);
-        stats.kmsg_lost.store(6, Ordering::Relaxed);
+        stats.kmsg_lost(1);
         assert!(!health.check_at(t0 + Duration::from_secs(61)).healthy);
     }
 
     #[test]
     fn zero_window_reports_losses_without_failing() {
         let (health, stats) = health(Duration::ZERO);
-        stats.kmsg_lost.store(5, Ordering::Relaxed);
+        stats.kmsg_lost(5);
         let report = health.check();
         assert!(report.healthy);
         assert!(report.body().contains("lost: 5"));
@@ -375,34 +319,5 @@ mod tests {
         );
         stuck.store(false, Ordering::SeqCst);
         assert!(health.check().healthy);
-    }
-
-    #[test]
-    fn conditions_in_npd_shape() {
-        let board = ConditionBoard::new();
-        let condition = |status, reason: &str| Condition {
-            type_: "KernelDeadlock".into(),
-            status,
-            reason: reason.into(),
-            message: "kernel has no deadlock".into(),
-            transition_time: SystemTime::UNIX_EPOCH,
-        };
-        board.set(&condition(ConditionStatus::False, "KernelHasNoDeadlock"));
-        board.observe_report(&Report::Condition(ConditionChange {
-            source: "kernel-monitor".into(),
-            condition: condition(ConditionStatus::True, "DockerHung"),
-        }));
-        let json = board.to_json();
-        let items = json.as_array().unwrap();
-        assert_eq!(items.len(), 1);
-        let mut item = items[0].clone();
-        assert!(item["lastHeartbeatTime"].as_str().unwrap().ends_with('Z'));
-        item.as_object_mut().unwrap().remove("lastHeartbeatTime");
-        assert_eq!(
-            item,
-            serde_json::json!({"type":"KernelDeadlock","status":"True","lastTransitionTime":"1970-01-01T00:00:00Z",
-                "reason":"DockerHung","message":"kernel has no deadlock"})
-        );
-        assert_eq!(board.snapshot()[0].reason, "DockerHung");
     }
 }

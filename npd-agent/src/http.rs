@@ -15,13 +15,17 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 use http_body_util::Full;
 use hyper::{Method, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use prometheus::{IntCounter, Registry};
+use tokio::{net::TcpListener, sync::mpsc};
 
 use crate::{
-    health::{ConditionBoard, Health},
+    exporter::board::ConditionBoard,
+    health::Health,
+    logging::{LOG_INTERVAL, LogLimiter},
     metrics::{self, Metrics},
     problem::{Condition, ConditionChange, ConditionStatus, ProblemEvent, Report, Severity},
-    sensor::SensorProbe,
+    sensor::SensorView,
+    tasks::Tasks,
 };
 
 /// A response, before it is put on the wire.
@@ -77,7 +81,7 @@ pub trait Routes: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct MetricsRoutes {
     /// The metrics to expose.
-    pub metrics: Arc<Metrics>,
+    pub metrics: Metrics,
 }
 
 impl Routes for MetricsRoutes {
@@ -98,7 +102,7 @@ impl Routes for MetricsRoutes {
 #[derive(Debug)]
 pub struct DebugControls {
     /// The sensor whose reader `kill-reader` kills.
-    pub sensor: SensorProbe,
+    pub sensor: SensorView,
     /// Where injected reports go (the daemon's report path).
     pub reports: mpsc::Sender<Report>,
 }
@@ -109,7 +113,7 @@ pub struct HealthRoutes {
     /// npd's health.
     pub health: Arc<Health>,
     /// The current conditions.
-    pub conditions: Arc<ConditionBoard>,
+    pub conditions: ConditionBoard,
     /// Test controls; `None` unless `--debug-endpoints`.
     pub debug: Option<DebugControls>,
 }
@@ -274,17 +278,55 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// or an idle keep-alive connection between requests.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections closed at once because [`MAX_CONNECTIONS`] were open, over all listeners.
-pub static CONNECTIONS_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The HTTP servers: their tasks (every listener and connection, tracked), the token they stop
+/// on, and what they count.
+#[derive(Clone, Debug)]
+pub struct Servers {
+    tasks: Tasks,
+    refused: IntCounter,
+}
 
-/// Serves `routes` on `listener` until the task is aborted: HTTP/1.1, at most
-/// [`MAX_CONNECTIONS`] at once, each closed after [`IDLE_TIMEOUT`] without a request. No
-/// request body is ever read: a request that has one is answered and its connection closed.
-pub fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) -> JoinHandle<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
+static REFUSED: LogLimiter = LogLimiter::new(LOG_INTERVAL, 1);
+
+impl Servers {
+    /// No server yet; counts refused connections in `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let refused = metrics::int_counter(
+            "npd_http_connections_refused_total",
+            "HTTP connections closed at once because the listener had its maximum open.",
+        );
+        metrics::register(registry, &refused)?;
+        Ok(Servers {
+            tasks: Tasks::default(),
+            refused,
+        })
+    }
+
+    /// Stops accepting, lets open connections finish the request they are on, and waits for
+    /// them, at most `limit`.
+    pub async fn stop(&self, limit: Duration) {
+        self.tasks.stop(limit, "HTTP connections").await;
+    }
+
+    /// Serves `routes` on `listener` until [`Servers::stop`]: HTTP/1.1, at most
+    /// [`MAX_CONNECTIONS`] at once, each closed after [`IDLE_TIMEOUT`] without a request. No
+    /// request body is ever read: a request that has one is answered and its connection
+    /// closed.
+    pub fn serve<R: Routes>(&self, listener: TcpListener, routes: Arc<R>) {
+        let servers = self.clone();
+        self.tasks
+            .tracker
+            .spawn(async move { servers.accept(listener, routes).await });
+    }
+
+    async fn accept<R: Routes>(self, listener: TcpListener, routes: Arc<R>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let (stream, local) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = self.tasks.cancel.cancelled() => return,
+            };
+            let (stream, local) = match accepted {
                 Ok((stream, _)) => {
                     let local = stream.local_addr().ok();
                     (stream, local)
@@ -297,12 +339,11 @@ pub fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) -> JoinHandle<()>
                 }
             };
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                let refused =
-                    CONNECTIONS_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if refused.is_power_of_two() {
+                self.refused.inc();
+                if let Some(held_back) = REFUSED.allow() {
                     tracing::warn!(
-                        refused = refused + 1,
-                        "{MAX_CONNECTIONS} HTTP connections open: closing new ones"
+                        held_back,
+                        "{MAX_CONNECTIONS} HTTP connections open: closing new ones (counted)"
                     );
                 }
                 drop(stream);
@@ -310,7 +351,8 @@ pub fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) -> JoinHandle<()>
             };
             let loopback = local.is_some_and(|a| a.ip().is_loopback());
             let routes = routes.clone();
-            tokio::spawn(async move {
+            let cancel = self.tasks.cancel.clone();
+            self.tasks.tracker.spawn(async move {
                 let _slot = slot;
                 let service = service_fn(move |req: Request_| {
                     let reply = routes.respond(Request {
@@ -340,12 +382,20 @@ pub fn serve<R: Routes>(listener: TcpListener, routes: Arc<R>) -> JoinHandle<()>
                     .header_read_timeout(IDLE_TIMEOUT)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = connection.await {
+                let mut connection = std::pin::pin!(connection);
+                let result = tokio::select! {
+                    result = connection.as_mut() => result,
+                    () = cancel.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(e) = result {
                     tracing::debug!("HTTP connection: {e}");
                 }
             });
         }
-    })
+    }
 }
 
 type Request_ = hyper::Request<hyper::body::Incoming>;
@@ -368,8 +418,6 @@ fn to_response(reply: Reply, head: bool) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
-
     use super::*;
     use crate::sensor::{ActiveSource, SensorStats};
 
@@ -405,14 +453,14 @@ mod tests {
 
     fn routes(debug: bool) -> (HealthRoutes, Arc<SensorStats>, mpsc::Receiver<Report>) {
         let stats = Arc::new(SensorStats::default());
-        stats.reading.store(true, Ordering::SeqCst);
-        let probe = SensorProbe::detached(ActiveSource::Kmsg, stats.clone());
+        stats.reader_running();
+        let view = SensorView::detached(ActiveSource::Kmsg, stats.clone());
         let (tx, rx) = mpsc::channel(4);
         let routes = HealthRoutes {
-            health: Arc::new(Health::new(probe.clone(), Duration::from_secs(60))),
-            conditions: Arc::new(ConditionBoard::new()),
+            health: Arc::new(Health::new(view.clone(), Duration::from_secs(60))),
+            conditions: ConditionBoard::default(),
             debug: debug.then_some(DebugControls {
-                sensor: probe,
+                sensor: view,
                 reports: tx,
             }),
         };
@@ -425,7 +473,7 @@ mod tests {
         let reply = routes.respond(req(&Method::GET, "/healthz", ""));
         assert_eq!(reply.status, 200);
         assert!(reply.body.starts_with("ok\n"));
-        stats.reading.store(false, Ordering::SeqCst);
+        stats.reader_failed("/dev/kmsg", &"test");
         let reply = routes.respond(req(&Method::GET, "/healthz", ""));
         assert_eq!(reply.status, 503);
         assert!(
@@ -545,7 +593,7 @@ mod tests {
     #[test]
     fn metrics_route() {
         let routes = MetricsRoutes {
-            metrics: Arc::new(Metrics::new()),
+            metrics: Metrics::new().unwrap(),
         };
         let reply = routes.respond(req(&Method::GET, "/metrics", ""));
         assert_eq!(reply.status, 200);

@@ -2,23 +2,30 @@
 //! them against rules, keeps Node conditions, and exports problems (stdout JSON lines,
 //! Kubernetes, Prometheus, HTTP).
 //!
-//! Data flow (see DESIGN.md): `sensor` -> [`event::KernelEvent`] -> rules -> conditions ->
-//! [`problem::Report`] -> exporters. `event`, `problem` and the decoders do no I/O.
+//! Data flow: `sensor` -> bursts of [`event::KernelEvent`] -> `enrich` -> `engine` (rules,
+//! conditions, de-duplication) -> [`problem::Report`] -> `exporter`s. `docs/design.md` has the
+//! module map; dependencies point down it. `event`, `problem`, `rules`, `engine` and the
+//! decoders do no I/O.
+//!
+//! The modules a test crate, a fuzz target or a benchmark uses are public; the rest is the
+//! agent's own.
 
 pub mod cli;
 pub mod commands;
-pub mod conditions;
-pub mod dedup;
+pub(crate) mod conditions;
+pub(crate) mod dedup;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
-pub mod enrich;
+pub(crate) mod enrich;
 pub mod event;
 pub mod exporter;
-pub mod health;
-pub mod http;
-pub mod metrics;
+pub(crate) mod health;
+pub(crate) mod http;
+pub(crate) mod logging;
+pub(crate) mod metrics;
 pub mod problem;
 pub mod rules;
 pub mod sensor;
+pub(crate) mod tasks;
 pub mod time;

@@ -117,6 +117,20 @@ pub fn condition_change_message(c: &Condition) -> String {
     )
 }
 
+/// A condition as a Kubernetes `NodeCondition` (what `/conditions` lists and what the
+/// Kubernetes exporter writes to the Node): `type`, `status`, `reason`, `message`,
+/// `lastTransitionTime`, and `lastHeartbeatTime` = `heartbeat`.
+pub fn node_condition_json(c: &Condition, heartbeat: SystemTime) -> serde_json::Value {
+    serde_json::json!({
+        "type": c.type_,
+        "status": c.status.as_str(),
+        "reason": c.reason,
+        "message": c.message,
+        "lastTransitionTime": crate::time::rfc3339(c.transition_time),
+        "lastHeartbeatTime": crate::time::rfc3339(heartbeat),
+    })
+}
+
 /// Serializes a time as RFC 3339 UTC with second precision (what Kubernetes uses), clamped to
 /// what RFC 3339 can write (see [`crate::time::rfc3339`]): it never fails.
 pub fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

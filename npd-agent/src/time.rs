@@ -1,4 +1,6 @@
-//! Time arithmetic that never panics, and the one way npd writes a wall-clock time.
+//! Time: the kernel's monotonic clock ([`Mono`]), which every window is measured on, its
+//! conversion to wall-clock time ([`WallClock`]), time arithmetic that never panics, and the
+//! one way npd writes a wall-clock time.
 //!
 //! Times come from places npd does not control: rule files (windows), the Node object
 //! (condition timestamps anyone with `nodes/status patch` can set) and replayed logs (times
@@ -26,6 +28,84 @@ pub fn latest() -> SystemTime {
 pub fn add(t: SystemTime, d: Duration) -> SystemTime {
     t.checked_add(d)
         .map_or_else(latest, |sum| sum.min(latest()))
+}
+
+/// A point on the kernel's monotonic clock (`CLOCK_MONOTONIC`, what `bpf_ktime_get_ns()`
+/// reads), as time since boot. Every window (de-duplication, rate, recovery) is measured on
+/// it, so a wall clock that jumps never shortens or stretches one. Arithmetic saturates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mono(Duration);
+
+impl Mono {
+    /// Boot.
+    pub const ZERO: Mono = Mono(Duration::ZERO);
+
+    /// Now (one `clock_gettime`).
+    pub fn now() -> Mono {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and a valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Mono(Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        ))
+    }
+
+    /// `nanos` after boot (a record's `ktime_ns`).
+    pub const fn from_nanos(nanos: u64) -> Mono {
+        Mono(Duration::from_nanos(nanos))
+    }
+
+    /// `since_boot` after boot (a `/dev/kmsg` record's time, a replayed line's).
+    pub const fn since_boot(since_boot: Duration) -> Mono {
+        Mono(since_boot)
+    }
+
+    /// Time since boot.
+    pub const fn as_duration(self) -> Duration {
+        self.0
+    }
+
+    /// `d` later, saturating.
+    pub fn saturating_add(self, d: Duration) -> Mono {
+        Mono(self.0.saturating_add(d))
+    }
+
+    /// How long after `earlier` this is; zero when it is not after it.
+    pub fn since(self, earlier: Mono) -> Duration {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// Turns kernel (monotonic) times into wall-clock times: the wall-clock time of boot. Taken
+/// again for every burst of events ([`WallClock::system`]), so that a stepped wall clock is
+/// followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WallClock {
+    boot: SystemTime,
+}
+
+impl WallClock {
+    /// This system's clocks, now (two clock reads).
+    pub fn system() -> WallClock {
+        let (mono, wall) = (Mono::now(), SystemTime::now());
+        WallClock {
+            boot: wall.checked_sub(mono.0).unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    /// A clock whose boot was at `boot` (`replay`: the Unix epoch).
+    pub const fn booted_at(boot: SystemTime) -> WallClock {
+        WallClock { boot }
+    }
+
+    /// The wall-clock time of `at` (saturating at [`latest`]).
+    pub fn wall(&self, at: Mono) -> SystemTime {
+        add(self.boot, at.0)
+    }
 }
 
 /// `t` clamped into what can be written: the Unix epoch to [`latest`]. Returns whether it had
@@ -88,6 +168,23 @@ mod tests {
         );
         let now = SystemTime::now();
         assert_eq!(clamp(now), (now, false));
+    }
+
+    #[test]
+    fn monotonic_times_and_their_wall_clock() {
+        let boot = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let clock = WallClock::booted_at(boot);
+        let at = Mono::from_nanos(5_000_000_000);
+        assert_eq!(clock.wall(at), boot + Duration::from_secs(5));
+        assert_eq!(
+            at.saturating_add(Duration::MAX).since(at),
+            Duration::MAX - Duration::from_secs(5)
+        );
+        assert_eq!(Mono::ZERO.since(at), Duration::ZERO);
+        assert_eq!(
+            clock.wall(Mono::ZERO.saturating_add(Duration::MAX)),
+            latest()
+        );
     }
 
     #[test]

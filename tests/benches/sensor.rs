@@ -14,9 +14,8 @@ use std::{
 };
 
 use npd_agent::{
-    cli::SourceChoice,
-    event::KernelEvent,
-    sensor::{Sensor, SensorConfig},
+    event::{Detail, KernelEvent},
+    sensor::{Sensor, SensorConfig, SourceChoice},
 };
 use npd_tests::{agent::agent_binary, kernel::Sysctl, unique};
 
@@ -51,8 +50,8 @@ fn main() {
 }
 
 fn message(event: &KernelEvent) -> Option<&str> {
-    match event {
-        KernelEvent::Log(log) => Some(&log.message),
+    match &event.detail {
+        Detail::Log(log) => Some(&log.message),
         _ => None,
     }
 }
@@ -73,11 +72,13 @@ async fn bench_source(source: SourceChoice) {
         let t0 = Instant::now();
         kmsg.write_all(format!("{text}\n").as_bytes())
             .expect("writing /dev/kmsg");
-        loop {
-            let event = sensor.events.recv().await.expect("sensor stopped");
-            if message(&event) == Some(text.as_str()) {
-                latencies.push(t0.elapsed());
-                break;
+        'found: loop {
+            let batch = sensor.events.recv().await.expect("sensor stopped");
+            for event in &batch {
+                if message(event) == Some(text.as_str()) {
+                    latencies.push(t0.elapsed());
+                    break 'found;
+                }
             }
         }
     }
@@ -89,7 +90,7 @@ async fn bench_source(source: SourceChoice) {
 
     let flood_marker = unique("npd-flood");
     let end = format!("{flood_marker} end");
-    let lost_before = sensor.lost_total();
+    let lost_before = sensor.view.lost_total();
     let writer = {
         let flood_marker = flood_marker.clone();
         let end = end.clone();
@@ -108,17 +109,19 @@ async fn bench_source(source: SourceChoice) {
     };
     let t0 = Instant::now();
     let mut received = 0u64;
-    loop {
-        let event = sensor.events.recv().await.expect("sensor stopped");
-        match message(&event) {
-            Some(m) if m == end => break,
-            Some(m) if m.starts_with(&flood_marker) => received += 1,
-            _ => {}
+    'flood: loop {
+        let batch = sensor.events.recv().await.expect("sensor stopped");
+        for event in &batch {
+            match message(event) {
+                Some(m) if m == end => break 'flood,
+                Some(m) if m.starts_with(&flood_marker) => received += 1,
+                _ => {}
+            }
         }
     }
     let elapsed = t0.elapsed();
     writer.join().expect("flood writer");
-    let dropped = sensor.lost_total() - lost_before;
+    let dropped = sensor.view.lost_total() - lost_before;
     println!(
         "{:<8} {:>10.1} {:>10.1} {:>10.1} {:>14.0} {:>10} {:>10}",
         match source {

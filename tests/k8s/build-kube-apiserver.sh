@@ -6,7 +6,7 @@
 #
 # No registry reachable from the test machines ships a kube-apiserver binary, so this builds
 # one from Debian 12's own `kubernetes` source package (upstream v1.20.2), following
-# /work/shared/K8S.md:
+# docs/testing.md:
 #   1. installs, with apt-get and only when missing, the build and test tools (Go, make, rsync,
 #      etcd, reflect2 1.0.2, openssl, curl, dpkg-dev, and kubectl from kubernetes-client
 #      unless some kubectl is already on PATH);

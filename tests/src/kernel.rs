@@ -1,5 +1,5 @@
 //! Real kernel faults, each behind a guard that puts the kernel back as it was when dropped
-//! (also when the test panics). Recipes: `shared/KERNEL.md`.
+//! (also when the test panics). Recipes: `docs/kernel.md`.
 
 use std::{
     fs::OpenOptions,

@@ -75,6 +75,14 @@ pub fn have_root(test: &str) -> bool {
     )
 }
 
+/// The preamble of a test that changes kernel state: holds [`serial`] for the test's whole run
+/// and checks for root. `None` when the test is skipped (see [`prerequisite`]):
+/// `let Some(_serial) = kernel_test(TEST) else { return };`.
+pub fn kernel_test(test: &str) -> Option<MutexGuard<'static, ()>> {
+    let guard = serial();
+    have_root(test).then_some(guard)
+}
+
 /// True when the host has a memory cgroup controller (v2 or v1) for OOM tests; otherwise the
 /// test is skipped (or, in a strict run, fails).
 pub fn have_memory_cgroup(test: &str) -> bool {

@@ -15,10 +15,9 @@ use std::{
 
 use npd_tests::{
     agent::{Agent, agent_binary, is_kernel_event},
-    have_root,
     http::{self, free_port},
     kernel::{TempDir, run, write_kmsg},
-    serial, unique,
+    kernel_test, serial, unique,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -175,10 +174,9 @@ fn a_kmsg_input_that_ends_ends_the_agent_cleanly() {
 /// Whoever read stdout went away (EPIPE): the agent says so and stops cleanly, exit 0.
 #[test]
 fn a_closed_stdout_stops_the_agent_cleanly() {
-    let _serial = serial();
-    if !have_root("a_closed_stdout_stops_the_agent_cleanly") {
+    let Some(_serial) = kernel_test("a_closed_stdout_stops_the_agent_cleanly") else {
         return;
-    }
+    };
     let mut child = Command::new(agent_binary())
         .args([
             "run",
@@ -251,10 +249,10 @@ fn tracefs_mounted_at(dir: &std::path::Path) -> bool {
 /// an empty one it mounts it, and unmounts it at exit.
 #[test]
 fn tracefs_is_mounted_only_where_safe_and_unmounted_at_exit() {
-    let _serial = serial();
-    if !have_root("tracefs_is_mounted_only_where_safe_and_unmounted_at_exit") {
+    let Some(_serial) = kernel_test("tracefs_is_mounted_only_where_safe_and_unmounted_at_exit")
+    else {
         return;
-    }
+    };
     // The programs attach through the standard tracefs; make sure it is there (as on a node).
     let standard = std::path::Path::new("/sys/kernel/tracing");
     let _standard = (!standard.join("events").is_dir()).then(|| {
@@ -326,10 +324,9 @@ impl Drop for OutsideAddress {
 /// address the controls do not exist (404), while `/healthz` is served.
 #[test]
 fn debug_endpoints_answer_only_on_loopback() {
-    let _serial = serial();
-    if !have_root("debug_endpoints_answer_only_on_loopback") {
+    let Some(_serial) = kernel_test("debug_endpoints_answer_only_on_loopback") else {
         return;
-    }
+    };
     let _outside = OutsideAddress::add();
     let port = free_port();
     let port_arg = port.to_string();
@@ -374,10 +371,9 @@ fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> std::io::Resu
 /// it, and its connection closed.
 #[test]
 fn http_servers_bound_connections_and_read_no_body() {
-    let _serial = serial();
-    if !have_root("http_servers_bound_connections_and_read_no_body") {
+    let Some(_serial) = kernel_test("http_servers_bound_connections_and_read_no_body") else {
         return;
-    }
+    };
     let (port, metrics_port) = (free_port(), free_port());
     let (p, mp) = (port.to_string(), metrics_port.to_string());
     let agent = Agent::start(&[
@@ -435,10 +431,9 @@ fn http_servers_bound_connections_and_read_no_body() {
 /// a test starts without its own API server runs standalone.
 #[test]
 fn test_agents_never_reach_a_real_cluster() {
-    let _serial = serial();
-    if !have_root("test_agents_never_reach_a_real_cluster") {
+    let Some(_serial) = kernel_test("test_agents_never_reach_a_real_cluster") else {
         return;
-    }
+    };
     let mut cmd = Command::new(agent_binary());
     cmd.args(["run", "--source", "kmsg", "--kernel-events"])
         .env("KUBECONFIG", "/nonexistent/kubeconfig")

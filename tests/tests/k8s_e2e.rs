@@ -26,7 +26,7 @@ use npd_tests::{
     apiserver::{ApiServer, node_condition},
     faults, have_memory_cgroup, have_root,
     kernel::write_kmsg,
-    serial, unique,
+    kernel_test, serial, unique,
 };
 use serde_json::Value;
 
@@ -438,10 +438,9 @@ async fn next_version(watch: &mut BoxStream<'_, kube::Result<WatchEvent<Node>>>)
 #[test]
 fn an_agent_restart_keeps_a_true_condition_true() {
     const TEST: &str = "an_agent_restart_keeps_a_true_condition_true";
-    let _serial = serial();
-    if !have_root(TEST) {
+    let Some(_serial) = kernel_test(TEST) else {
         return;
-    }
+    };
     let Some(server) = ApiServer::shared(TEST) else {
         return;
     };
@@ -526,10 +525,9 @@ fn an_agent_restart_keeps_a_true_condition_true() {
 #[test]
 fn a_fault_during_an_api_server_outage_lands_when_it_returns() {
     const TEST: &str = "a_fault_during_an_api_server_outage_lands_when_it_returns";
-    let _serial = serial();
-    if !have_root(TEST) {
+    let Some(_serial) = kernel_test(TEST) else {
         return;
-    }
+    };
     // Its own API server: this test stops it.
     let Some(server) = ApiServer::start(TEST) else {
         return;
@@ -578,10 +576,9 @@ fn a_fault_during_an_api_server_outage_lands_when_it_returns() {
 #[test]
 fn distinct_block_errors_count_each_in_one_event() {
     const TEST: &str = "distinct_block_errors_count_each_in_one_event";
-    let _serial = serial();
-    if !have_root(TEST) {
+    let Some(_serial) = kernel_test(TEST) else {
         return;
-    }
+    };
     let Some(server) = ApiServer::shared(TEST) else {
         return;
     };
@@ -632,10 +629,9 @@ fn distinct_block_errors_count_each_in_one_event() {
 #[test]
 fn an_adopted_true_condition_recovers_after_its_quiet_period() {
     const TEST: &str = "an_adopted_true_condition_recovers_after_its_quiet_period";
-    let _serial = serial();
-    if !have_root(TEST) {
+    let Some(_serial) = kernel_test(TEST) else {
         return;
-    }
+    };
     let Some(server) = ApiServer::shared(TEST) else {
         return;
     };

@@ -14,7 +14,7 @@ use npd_tests::{
     faults::{HungWriter, failed_read, oom_kill},
     have_memory_cgroup, have_root,
     kernel::{Sysctl, write_kmsg},
-    serial, unique,
+    kernel_test, serial, unique,
 };
 use serde_json::Value;
 
@@ -39,19 +39,17 @@ fn kmsg_message_arrives_exactly(source: &str) {
 
 #[test]
 fn kmsg_line_arrives_with_its_exact_text_ebpf() {
-    let _serial = serial();
-    if !have_root("kmsg_line_arrives_with_its_exact_text_ebpf") {
+    let Some(_serial) = kernel_test("kmsg_line_arrives_with_its_exact_text_ebpf") else {
         return;
-    }
+    };
     kmsg_message_arrives_exactly("ebpf");
 }
 
 #[test]
 fn kmsg_line_arrives_with_its_exact_text_kmsg_source() {
-    let _serial = serial();
-    if !have_root("kmsg_line_arrives_with_its_exact_text_kmsg_source") {
+    let Some(_serial) = kernel_test("kmsg_line_arrives_with_its_exact_text_kmsg_source") else {
         return;
-    }
+    };
     kmsg_message_arrives_exactly("kmsg");
 }
 
@@ -91,28 +89,25 @@ fn hung_task_is_reported(warnings: &str) {
 
 #[test]
 fn hung_task_reports_pid_and_comm() {
-    let _serial = serial();
-    if !have_root("hung_task_reports_pid_and_comm") {
+    let Some(_serial) = kernel_test("hung_task_reports_pid_and_comm") else {
         return;
-    }
+    };
     hung_task_is_reported("10");
 }
 
 #[test]
 fn hung_task_is_seen_when_the_kernel_prints_nothing() {
-    let _serial = serial();
-    if !have_root("hung_task_is_seen_when_the_kernel_prints_nothing") {
+    let Some(_serial) = kernel_test("hung_task_is_seen_when_the_kernel_prints_nothing") else {
         return;
-    }
+    };
     hung_task_is_reported("0");
 }
 
 #[test]
 fn failed_block_read_reports_device_sector_op_and_error() {
-    let _serial = serial();
-    if !have_root("failed_block_read_reports_device_sector_op_and_error") {
+    let Some(_serial) = kernel_test("failed_block_read_reports_device_sector_op_and_error") else {
         return;
-    }
+    };
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
     let failed = failed_read();
     let name = failed.dev.name().to_string();
@@ -172,10 +167,9 @@ fn read_until_end_marker(agent: &Agent, end: &str) -> (Vec<Value>, u64) {
 
 #[test]
 fn flood_of_100k_messages_is_received_or_counted_ebpf() {
-    let _serial = serial();
-    if !have_root("flood_of_100k_messages_is_received_or_counted_ebpf") {
+    let Some(_serial) = kernel_test("flood_of_100k_messages_is_received_or_counted_ebpf") else {
         return;
-    }
+    };
     let _devkmsg = Sysctl::set("kernel/printk_devkmsg", "on");
     let agent = Agent::start(&["run", "--source", "ebpf", "--kernel-events"]);
     let marker = unique("npd-flood");
@@ -226,10 +220,10 @@ fn flood_of_100k_messages_is_received_or_counted_ebpf() {
 
 #[test]
 fn flood_of_100k_messages_is_received_or_counted_kmsg_source() {
-    let _serial = serial();
-    if !have_root("flood_of_100k_messages_is_received_or_counted_kmsg_source") {
+    let Some(_serial) = kernel_test("flood_of_100k_messages_is_received_or_counted_kmsg_source")
+    else {
         return;
-    }
+    };
     let _devkmsg = Sysctl::set("kernel/printk_devkmsg", "on");
     let agent = Agent::start(&["run", "--source", "kmsg", "--kernel-events"]);
     let marker = unique("npd-flood");
@@ -288,10 +282,9 @@ fn flood_of_100k_messages_is_received_or_counted_kmsg_source() {
 
 #[test]
 fn without_root_it_exits_non_zero_naming_what_is_missing() {
-    let _serial = serial();
-    if !have_root("without_root_it_exits_non_zero_naming_what_is_missing") {
+    let Some(_serial) = kernel_test("without_root_it_exits_non_zero_naming_what_is_missing") else {
         return;
-    }
+    };
     for source in ["auto", "ebpf"] {
         let out = Command::new(agent_binary())
             .args(["run", "--source", source])

@@ -16,6 +16,7 @@ use npd_tests::{
     have_root,
     http::{self, free_port, sample},
     kernel::{Sysctl, write_kmsg},
+    kernel_test,
     prometheus::{self, Prometheus, promtool_check_metrics},
     serial, unique,
 };
@@ -339,10 +340,9 @@ fn flood(marker: &str, count: usize) {
 /// drops.
 #[test]
 fn ring_buffer_overflow_is_counted_exactly() {
-    let _serial = serial();
-    if !have_root("ring_buffer_overflow_is_counted_exactly") {
+    let Some(_serial) = kernel_test("ring_buffer_overflow_is_counted_exactly") else {
         return;
-    }
+    };
     const SENT: usize = 20_000;
     let _devkmsg = Sysctl::set("kernel/printk_devkmsg", "on");
     let npd = Npd::start(&[

@@ -10,7 +10,7 @@ use npd_tests::{
     faults::{HungWriter, failed_read, oom_kill},
     have_memory_cgroup, have_root,
     kernel::write_kmsg,
-    serial,
+    kernel_test, serial,
 };
 use serde_json::Value;
 
@@ -49,10 +49,9 @@ fn first_and_count(agent: &Agent, reason: &str, pred: impl Fn(&Value) -> bool) -
 
 #[test]
 fn npd_readme_examples_through_real_kmsg() {
-    let _serial = serial();
-    if !have_root("npd_readme_examples_through_real_kmsg") {
+    let Some(_serial) = kernel_test("npd_readme_examples_through_real_kmsg") else {
         return;
-    }
+    };
     let agent = standalone_agent();
     // NPD's README: `sudo sh -c "echo 'kernel: BUG: unable to handle kernel NULL pointer
     // dereference at TESTING' >> /dev/kmsg"` gives KernelOops; the DockerHung line gives
@@ -84,10 +83,9 @@ fn npd_readme_examples_through_real_kmsg() {
 
 #[test]
 fn current_kernel_wording_is_caught() {
-    let _serial = serial();
-    if !have_root("current_kernel_wording_is_caught") {
+    let Some(_serial) = kernel_test("current_kernel_wording_is_caught") else {
         return;
-    }
+    };
     let agent = standalone_agent();
     // What 6.x kernels print for a NULL dereference (NPD's pattern is the pre-4.x wording).
     write_kmsg("BUG: kernel NULL pointer dereference, address: 0000000000000000");
@@ -139,28 +137,26 @@ fn real_hung_task_is_one_problem(warnings: &str) {
 
 #[test]
 fn real_hung_task_is_one_problem_with_kernel_text() {
-    let _serial = serial();
-    if !have_root("real_hung_task_is_one_problem_with_kernel_text") {
+    let Some(_serial) = kernel_test("real_hung_task_is_one_problem_with_kernel_text") else {
         return;
-    }
+    };
     real_hung_task_is_one_problem("10");
 }
 
 #[test]
 fn real_hung_task_is_reported_when_the_kernel_prints_nothing() {
-    let _serial = serial();
-    if !have_root("real_hung_task_is_reported_when_the_kernel_prints_nothing") {
+    let Some(_serial) = kernel_test("real_hung_task_is_reported_when_the_kernel_prints_nothing")
+    else {
         return;
-    }
+    };
     real_hung_task_is_one_problem("0");
 }
 
 #[test]
 fn real_block_error_is_one_problem_naming_the_device() {
-    let _serial = serial();
-    if !have_root("real_block_error_is_one_problem_naming_the_device") {
+    let Some(_serial) = kernel_test("real_block_error_is_one_problem_naming_the_device") else {
         return;
-    }
+    };
     let agent = standalone_agent();
     let failed = failed_read();
     let name = failed.dev.name().to_string();

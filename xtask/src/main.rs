@@ -272,7 +272,7 @@ fn setup() -> anyhow::Result<OsString> {
 }
 
 /// Builds bpf-linker against the LLVM library the nightly toolchain ships (no LLVM package of
-/// that version exists for Debian 12), as `shared/KERNEL.md` describes.
+/// that version exists for Debian 12), as `docs/kernel.md` describes.
 fn install_bpf_linker(dir: &Path, llvm_major: &str) -> anyhow::Result<()> {
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let libdir = Path::new(sysroot.trim()).join("lib");

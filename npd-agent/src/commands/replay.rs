@@ -1,6 +1,6 @@
 //! `npd-agent replay --config FILE... [LOGFILE|-]`: feeds recorded kernel messages through the
 //! same rules and condition logic as the daemon and prints what would be reported, one JSON
-//! line each (the DESIGN.md schema).
+//! line each (the schema in `docs/design.md`).
 //!
 //! Input: one message per line, as plain text, `/dev/kmsg` records (`PRI,SEQ,USEC,FLAGS;text`,
 //! `\xNN` escapes decoded, dictionary lines skipped) or `dmesg` lines (`[  12.345678] text`,
@@ -25,6 +25,7 @@ use crate::{
     event::{KernelEvent, LogMessage},
     rules::RuleSet,
     sensor::kmsg::parse_record,
+    time::Mono,
 };
 
 /// The longest line read; the rest of a longer line is dropped (the kernel's own records are
@@ -72,8 +73,9 @@ pub fn replay_with(
     mut input: impl BufRead,
     out: &mut impl Write,
 ) -> io::Result<()> {
-    let mut clock = SystemTime::UNIX_EPOCH;
-    engine.initial_conditions(clock);
+    // Boot was at the Unix epoch; lines without a time happen when the line before did.
+    let mut clock = Mono::ZERO;
+    engine.initial_conditions(SystemTime::UNIX_EPOCH);
     let mut buf = Vec::with_capacity(4096);
     let mut after_record = false;
     while read_line_capped(&mut input, &mut buf, MAX_LINE)? {
@@ -84,11 +86,11 @@ pub fn replay_with(
         let line = parse_line(&buf);
         after_record = line.from_kmsg;
         if let Some(t) = line.since_boot {
-            // Any time a line claims, up to year 9999: the clock never overflows.
-            clock = clock.max(crate::time::add(SystemTime::UNIX_EPOCH, t));
+            // Any time a line claims: the clock saturates, never overflows.
+            clock = clock.max(Mono::since_boot(t));
         }
-        let event = KernelEvent::Log(LogMessage::new(line.text));
-        for report in engine.handle(&event, clock) {
+        let event = KernelEvent::new(clock, LogMessage::new(line.text));
+        for report in engine.handle(&event) {
             serde_json::to_writer(&mut *out, &report)?;
             out.write_all(b"\n")?;
         }

@@ -34,7 +34,7 @@ mod stats;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -46,6 +46,7 @@ use kube::{
     Api, Client,
     config::{KubeConfigOptions, Kubeconfig},
 };
+use prometheus::Registry;
 use tokio::{
     sync::{Notify, mpsc, watch},
     task::JoinHandle,
@@ -58,7 +59,7 @@ use self::{
     stats::Counters,
 };
 use crate::{
-    cli::RunArgs,
+    logging::{LOG_INTERVAL, LogLimiter},
     problem::{
         Condition, ConditionChange, ConditionStatus, Report, Severity, condition_change_message,
     },
@@ -138,36 +139,10 @@ impl K8sConfig {
         let client = kubeconfig_file(path).await?;
         Ok(K8sConfig::new(node_name, client))
     }
-
-    /// The configuration `npd-agent run` asks for, or `None` when it runs standalone.
-    ///
-    /// Cluster access, first found wins: `--kubeconfig`, the `KUBECONFIG` environment
-    /// variable, the in-cluster service account (`KUBERNETES_SERVICE_HOST` set). None of them,
-    /// or `--enable-k8s-exporter=false`: standalone. Node name: `--hostname-override`, else
-    /// `NODE_NAME`, else the host name.
-    pub async fn from_run_args(args: &RunArgs) -> Result<Option<Self>, K8sConfigError> {
-        if !args.enable_k8s_exporter {
-            return Ok(None);
-        }
-        let client = if let Some(path) = &args.kubeconfig {
-            kubeconfig_file(path).await?
-        } else if std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty()) {
-            kube::Config::from_kubeconfig(&KubeConfigOptions::default())
-                .await
-                .map_err(K8sConfigError::KubeconfigEnv)?
-        } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-            kube::Config::incluster().map_err(K8sConfigError::InCluster)?
-        } else {
-            return Ok(None);
-        };
-        let node_name = node_name(args.hostname_override.as_deref())?;
-        let mut config = K8sConfig::new(node_name, client);
-        config.heartbeat_period = args.k8s_exporter_heartbeat_period;
-        Ok(Some(config))
-    }
 }
 
-async fn kubeconfig_file(path: &Path) -> Result<kube::Config, K8sConfigError> {
+/// The cluster access of the kubeconfig file at `path` (its current context).
+pub async fn kubeconfig_file(path: &Path) -> Result<kube::Config, K8sConfigError> {
     let err = |source| K8sConfigError::Kubeconfig {
         path: path.to_owned(),
         source,
@@ -178,16 +153,18 @@ async fn kubeconfig_file(path: &Path) -> Result<kube::Config, K8sConfigError> {
         .map_err(err)
 }
 
-/// The Node's name: `hostname_override`, else `NODE_NAME`, else the host name in lower case
-/// (as kubelet names its Node by default).
-pub fn node_name(hostname_override: Option<&str>) -> Result<String, K8sConfigError> {
-    let chosen = hostname_override
-        .map(str::to_owned)
-        .or_else(|| std::env::var("NODE_NAME").ok())
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty());
+/// The Node's name: the first of `chosen` (`--hostname-override`, then `NODE_NAME`) that is
+/// not empty, else the host name in lower case (as kubelet names its Node by default).
+pub fn node_name<'a>(
+    chosen: impl IntoIterator<Item = Option<&'a str>>,
+) -> Result<String, K8sConfigError> {
+    let chosen = chosen
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .find(|s| !s.is_empty());
     if let Some(name) = chosen {
-        return Ok(name);
+        return Ok(name.to_owned());
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_err(K8sConfigError::HostName)?
@@ -242,19 +219,23 @@ impl K8sExporter {
         client_config.default_retry = false;
         client_config.connect_timeout = Some(config.request_timeout);
         let client = Client::try_from(client_config).map_err(K8sConfigError::Client)?;
+        let counters = Counters::default();
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 conditions: BTreeMap::new(),
-                events: EventQueue::new(config.event_queue_capacity),
+                events: EventQueue::new(
+                    config.event_queue_capacity,
+                    counters.events_queued.clone(),
+                ),
             }),
             conditions_changed: Notify::new(),
             events_queued: Notify::new(),
-            counters: Counters::default(),
+            counters,
             problems: Mutex::new(BTreeMap::new()),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (adopted_tx, adopted_rx) = mpsc::unbounded_channel();
-        Counters::set(&shared.counters.running, true);
+        shared.counters.running.store(true, Ordering::Relaxed);
         let config = Arc::new(config);
         let node = node::NodeWriter::new(
             Caller::new(&config, &shared, shutdown_rx.clone()),
@@ -330,12 +311,15 @@ impl K8sHandle {
             pending.events.push(key, message, at)
         };
         let c = &self.shared.counters;
-        Counters::add(&c.events_received, 1);
+        c.events_received.inc();
         if pushed == Pushed::Dropped {
-            let dropped = Counters::add(&c.events_dropped_queue_full, 1);
-            // Logged at 1, 2, 4, 8... drops: a long outage does not flood the log.
-            if dropped.is_power_of_two() {
-                tracing::warn!(dropped, "Kubernetes Event queue full: Events dropped");
+            c.events_dropped_queue_full.inc();
+            if let Some(held_back) = QUEUE_FULL.allow() {
+                tracing::warn!(
+                    held_back,
+                    dropped = c.events_dropped_queue_full.get(),
+                    "Kubernetes Event queue full: Events dropped (counted)"
+                );
             }
         }
         if condition.is_some() {
@@ -354,6 +338,11 @@ impl K8sHandle {
     /// A snapshot of the exporter's counters.
     pub fn stats(&self) -> K8sStats {
         self.shared.stats()
+    }
+
+    /// Registers the exporter's metrics.
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        self.shared.counters.register(registry)
     }
 
     /// Reads the counters later, without the handle (for `/metrics` and `/healthz`).
@@ -380,11 +369,27 @@ impl K8sHandle {
 
 impl Drop for K8sHandle {
     fn drop(&mut self) {
+        // Tasks not stopped through `shutdown` stop now, without writing what is pending.
         for task in &self.tasks {
             task.abort();
         }
     }
 }
+
+impl crate::exporter::Exporter for K8sHandle {
+    fn export(&mut self, report: &Report) {
+        K8sHandle::export(self, report);
+    }
+
+    fn shutdown(self: Box<Self>) -> crate::exporter::Shutdown {
+        Box::pin(async move {
+            (*self).shutdown().await;
+        })
+    }
+}
+
+static QUEUE_FULL: LogLimiter = LogLimiter::new(LOG_INTERVAL, 1);
+static CALL_FAILURES: LogLimiter = LogLimiter::new(LOG_INTERVAL, 1);
 
 fn event_type(severity: Severity) -> &'static str {
     match severity {
@@ -398,7 +403,7 @@ struct RunningFlag(Arc<Shared>);
 
 impl Drop for RunningFlag {
     fn drop(&mut self) {
-        Counters::set(&self.0.counters.running, false);
+        self.0.counters.running.store(false, Ordering::Relaxed);
     }
 }
 
@@ -430,8 +435,7 @@ impl Shared {
     }
 
     fn stats(&self) -> K8sStats {
-        let queued = self.lock().events.len() as u64;
-        let mut stats = self.counters.snapshot(queued);
+        let mut stats = self.counters.snapshot();
         let problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
         if !problems.is_empty() {
             stats.problem = Some(problems.values().cloned().collect::<Vec<_>>().join("; "));
@@ -498,7 +502,8 @@ impl CallError {
     }
 }
 
-/// Since when and how often API calls have been failing (for logging once per outage).
+/// Since when and how often API calls have been failing (for the line that says the server is
+/// back).
 #[derive(Debug)]
 struct Failing {
     since: Instant,
@@ -547,22 +552,17 @@ impl Caller {
         }
     }
 
-    /// Logs a failure (the first of an outage at warn, later ones at debug) and waits the
+    /// Logs a failure (rate limited; the calls are counted in their metric) and waits the
     /// backoff delay (the long one when forbidden), or less when shutdown is requested
     /// meanwhile.
     async fn failed(&mut self, what: &str, err: &CallError) {
-        match &mut self.failing {
-            Some(f) => {
-                f.attempts += 1;
-                tracing::debug!(error = %err, attempts = f.attempts, "{what} failed again");
-            }
-            None => {
-                tracing::warn!(error = %err, "{what} failed; retrying with backoff");
-                self.failing = Some(Failing {
-                    since: Instant::now(),
-                    attempts: 1,
-                });
-            }
+        let failing = self.failing.get_or_insert_with(|| Failing {
+            since: Instant::now(),
+            attempts: 0,
+        });
+        failing.attempts += 1;
+        if let Some(held_back) = CALL_FAILURES.allow() {
+            tracing::warn!(error = %err, held_back, "{what} failed; retrying with backoff");
         }
         let delay = if err.class() == ErrorClass::Forbidden {
             self.forbidden_backoff.next_delay()

@@ -3,15 +3,17 @@
 //! `pattern`), validates them, and compiles them. No I/O except reading the files in
 //! [`RuleSet::load`]; matching lives in [`crate::engine`].
 
-pub mod defaults;
-pub mod npd_file;
+pub(crate) mod defaults;
+pub(crate) mod npd_file;
 pub mod pattern;
 pub mod structured;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 pub use pattern::LogPattern;
-pub use structured::{DedupWindow, EventKind, FieldFilter, Template};
+pub use structured::{DedupWindow, FieldFilter, Template};
+
+use crate::event::EventKind;
 
 /// A loaded, validated set of rule files.
 #[derive(Clone, Debug)]

@@ -12,8 +12,9 @@ use super::{
     ConditionDecl, ConfigProblem, ConfigReason, Effect, FieldFilter, Matcher, MonitorFile, Rate,
     Rule,
     pattern::LogPattern,
-    structured::{EventKind, Template},
+    structured::{Template, field_of},
 };
+use crate::event::EventKind;
 
 /// NPD's default `bufferSize`.
 pub const DEFAULT_BUFFER_SIZE: usize = 10;
@@ -104,7 +105,7 @@ struct RawRule {
     pattern_generated_message_suffix: Option<String>,
     // npd extensions.
     #[serde(default)]
-    event: Option<EventKind>,
+    event: Option<String>,
     #[serde(default, rename = "match")]
     filter: BTreeMap<String, String>,
     #[serde(default)]
@@ -311,7 +312,30 @@ fn compile_rule(raw: RawRule, at: &str, p: &mut Problems<'_>) -> Option<Rule> {
             }
         },
     };
-    let matcher = match (raw.pattern, raw.event) {
+    let event = match raw
+        .event
+        .as_deref()
+        .map(|name| (name, EventKind::from_name(name)))
+    {
+        None => None,
+        Some((_, Some(kind))) if kind.is_structured() => Some(kind),
+        Some((name, _)) => {
+            let known: Vec<&str> = EventKind::ALL
+                .into_iter()
+                .filter(|k| k.is_structured())
+                .map(EventKind::as_str)
+                .collect();
+            p.add(
+                format!("{at}.event"),
+                ConfigReason::Invalid(format!(
+                    "unknown event {name:?}; structured rules select one of: {}",
+                    known.join(", ")
+                )),
+            );
+            return None;
+        }
+    };
+    let matcher = match (raw.pattern, event) {
         (Some(pattern), None) => {
             for (field, set) in [
                 ("match", !raw.filter.is_empty()),
@@ -349,32 +373,25 @@ fn compile_rule(raw: RawRule, at: &str, p: &mut Problems<'_>) -> Option<Rule> {
                 );
             }
             let mut filters = Vec::new();
-            for (field, expr) in &raw.filter {
-                if !kind.fields().contains(&field.as_str()) {
-                    p.add(
-                        format!("{at}.match.{field}"),
-                        ConfigReason::Invalid(format!(
-                            "unknown field {field:?} for {} events; known: {}",
-                            kind.as_str(),
-                            kind.fields().join(", ")
-                        )),
-                    );
-                    continue;
-                }
+            for (name, expr) in &raw.filter {
+                let field = match field_of(kind, name, &format!("{name:?}")) {
+                    Ok(field) => field,
+                    Err(e) => {
+                        p.add(format!("{at}.match.{name}"), ConfigReason::Invalid(e));
+                        continue;
+                    }
+                };
                 if let Err(e) = LogPattern::compile(expr) {
-                    p.add(format!("{at}.match.{field}"), e.into());
+                    p.add(format!("{at}.match.{name}"), e.into());
                     continue;
                 }
                 match RegexBuilder::new(&format!("^(?:{expr})$"))
                     .size_limit(1 << 20)
                     .build()
                 {
-                    Ok(regex) => filters.push(FieldFilter {
-                        field: field.clone(),
-                        regex,
-                    }),
+                    Ok(regex) => filters.push(FieldFilter { field, regex }),
                     Err(e) => p.add(
-                        format!("{at}.match.{field}"),
+                        format!("{at}.match.{name}"),
                         ConfigReason::Invalid(format!("invalid regular expression: {e}")),
                     ),
                 }

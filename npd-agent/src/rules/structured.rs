@@ -6,93 +6,32 @@
 use std::time::Duration;
 
 use regex::Regex;
-use serde::Deserialize;
 
-use crate::event::{BlockError, HungTask, KernelEvent, OomKill};
+use crate::event::{Detail, EventKind, Field};
 
-/// The kinds of structured events a rule can select.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// [`KernelEvent::HungTask`].
-    HungTask,
-    /// [`KernelEvent::OomKill`].
-    OomKill,
-    /// [`KernelEvent::BlockError`].
-    BlockError,
-}
-
-impl EventKind {
-    /// The kind's name as written in rule files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::HungTask => "hung_task",
-            EventKind::OomKill => "oom_kill",
-            EventKind::BlockError => "block_error",
-        }
-    }
-
-    /// The fields a filter or a template may name.
-    pub fn fields(self) -> &'static [&'static str] {
-        match self {
-            EventKind::HungTask => &["pid", "comm"],
-            EventKind::OomKill => &[
-                "pid",
-                "comm",
-                "uid",
-                "total_vm_kb",
-                "anon_rss_kb",
-                "file_rss_kb",
-                "shmem_rss_kb",
-                "pgtables_kb",
-                "oom_score_adj",
-            ],
-            EventKind::BlockError => &[
-                "device",
-                "dev",
-                "sector",
-                "nr_sectors",
-                "op",
-                "rwbs",
-                "error",
-                "errno",
-            ],
-        }
-    }
-
-    /// How long a problem about the same fault is de-duplicated, and whether each repeat
-    /// extends that window. A task stays hung while the detector keeps seeing it (it checks
-    /// every `hung_task_check_interval_secs`, 120 s by default), so each sighting extends it.
-    /// An OOM kill is seen twice at most (`mark_victim` and the kernel's `Killed process`
-    /// line, milliseconds apart), and its key is a pid, which the kernel reuses (`pid_max` is
-    /// 32768 on small nodes): the window is short, so that a later victim with the same pid
-    /// is a fault of its own.
-    pub fn default_dedup(self) -> DedupWindow {
-        match self {
-            EventKind::HungTask => DedupWindow {
-                window: Duration::from_secs(15 * 60),
-                sliding: true,
-            },
-            EventKind::OomKill => DedupWindow {
-                window: Duration::from_secs(30),
-                sliding: false,
-            },
-            EventKind::BlockError => DedupWindow {
-                window: Duration::from_secs(60),
-                sliding: false,
-            },
-        }
-    }
-
-    /// The kind of a kernel event, if it is a structured one.
-    pub fn of(event: &KernelEvent) -> Option<Self> {
-        match event {
-            KernelEvent::Log(_) => None,
-            KernelEvent::HungTask(_) => Some(EventKind::HungTask),
-            KernelEvent::OomKill(_) => Some(EventKind::OomKill),
-            KernelEvent::BlockError(_) => Some(EventKind::BlockError),
-        }
-    }
+/// How long a problem about the same fault of `kind` is de-duplicated, and whether each repeat
+/// extends that window. A task stays hung while the detector keeps seeing it (it checks every
+/// `hung_task_check_interval_secs`, 120 s by default), so each sighting extends it. An OOM
+/// kill is seen twice at most (`mark_victim` and the kernel's `Killed process` line,
+/// milliseconds apart), and its key is a pid, which the kernel reuses (`pid_max` is 32768 on
+/// small nodes): the window is short, so that a later victim with the same pid is a fault of
+/// its own. Kernel log messages are no fault of their own: `None`.
+pub fn default_dedup(kind: EventKind) -> Option<DedupWindow> {
+    Some(match kind {
+        EventKind::Log => return None,
+        EventKind::HungTask => DedupWindow {
+            window: Duration::from_secs(15 * 60),
+            sliding: true,
+        },
+        EventKind::OomKill => DedupWindow {
+            window: Duration::from_secs(30),
+            sliding: false,
+        },
+        EventKind::BlockError => DedupWindow {
+            window: Duration::from_secs(60),
+            sliding: false,
+        },
+    })
 }
 
 /// How long repeats of one fault are folded into its first report.
@@ -104,87 +43,36 @@ pub struct DedupWindow {
     pub sliding: bool,
 }
 
-/// The value of a field of a structured event, as text (`None` when the kernel did not give it).
-pub fn field(event: &KernelEvent, name: &str) -> Option<String> {
-    match event {
-        KernelEvent::Log(_) => None,
-        KernelEvent::HungTask(HungTask { pid, comm }) => match name {
-            "pid" => Some(pid.to_string()),
-            "comm" => Some(comm.clone()),
-            _ => None,
-        },
-        KernelEvent::OomKill(o) => oom_field(o, name),
-        KernelEvent::BlockError(b) => block_field(b, name),
-    }
-}
-
-fn oom_field(o: &OomKill, name: &str) -> Option<String> {
-    let num = |v: Option<u64>| v.map(|v| v.to_string());
-    match name {
-        "pid" => Some(o.pid.to_string()),
-        "comm" => o.comm.clone(),
-        "uid" => o.uid.map(|v| v.to_string()),
-        "total_vm_kb" => num(o.total_vm_kb),
-        "anon_rss_kb" => num(o.anon_rss_kb),
-        "file_rss_kb" => num(o.file_rss_kb),
-        "shmem_rss_kb" => num(o.shmem_rss_kb),
-        "pgtables_kb" => num(o.pgtables_kb),
-        "oom_score_adj" => o.oom_score_adj.map(|v| v.to_string()),
-        _ => None,
-    }
-}
-
-fn block_field(b: &BlockError, name: &str) -> Option<String> {
-    match name {
-        // The device name, or major:minor when it could not be resolved.
-        "device" => Some(b.device.clone().unwrap_or_else(|| b.dev.to_string())),
-        "dev" => Some(b.dev.to_string()),
-        "sector" => Some(b.sector.to_string()),
-        "nr_sectors" => Some(b.nr_sectors.to_string()),
-        "op" => Some(b.op.as_str().to_owned()),
-        "rwbs" => Some(b.rwbs.clone()),
-        "error" => Some(errno_name(b.error).map_or_else(|| b.error.to_string(), str::to_owned)),
-        "errno" => Some(b.error.unsigned_abs().to_string()),
-        _ => None,
-    }
-}
-
-/// The name of a (negative) errno that block requests fail with.
-pub fn errno_name(error: i32) -> Option<&'static str> {
-    Some(match error.wrapping_neg() {
-        libc::EIO => "EIO",
-        libc::ENOSPC => "ENOSPC",
-        libc::ENOLINK => "ENOLINK",
-        libc::EREMOTEIO => "EREMOTEIO",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::EILSEQ => "EILSEQ",
-        libc::ENODATA => "ENODATA",
-        libc::EBADE => "EBADE",
-        libc::ENOMEM => "ENOMEM",
-        libc::EAGAIN => "EAGAIN",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::ENODEV => "ENODEV",
-        libc::ENXIO => "ENXIO",
-        libc::EBUSY => "EBUSY",
-        libc::EINVAL => "EINVAL",
-        libc::ENOMSG => "ENOMSG",
-        _ => return None,
+/// The field `name` of `kind` (written `shown` in the rule file), or an error that lists the
+/// kind's fields.
+pub fn field_of(kind: EventKind, name: &str, shown: &str) -> Result<&'static Field, String> {
+    kind.field(name).ok_or_else(|| {
+        format!(
+            "unknown field {shown} for {kind} events; known: {}",
+            kind.fields()
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     })
 }
 
 /// A filter on one field: the field's text must match the regex entirely.
 #[derive(Clone, Debug)]
 pub struct FieldFilter {
-    /// The field's name.
-    pub field: String,
+    /// The field.
+    pub field: &'static Field,
     /// `^(?:...)$` of the pattern from the rule file.
     pub regex: Regex,
 }
 
 impl FieldFilter {
     /// Whether the event passes (a missing field never does).
-    pub fn matches(&self, event: &KernelEvent) -> bool {
-        field(event, &self.field).is_some_and(|v| self.regex.is_match(&v))
+    pub fn matches(&self, event: &Detail) -> bool {
+        self.field
+            .text(event)
+            .is_some_and(|v| self.regex.is_match(&v))
     }
 }
 
@@ -197,7 +85,7 @@ pub struct Template {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Part {
     Text(String),
-    Field(String),
+    Field(&'static Field),
 }
 
 impl Template {
@@ -229,17 +117,11 @@ impl Template {
                             }
                         }
                     }
-                    if !kind.fields().contains(&name.as_str()) {
-                        return Err(format!(
-                            "unknown field {{{name}}} for {} events; known: {}",
-                            kind.as_str(),
-                            kind.fields().join(", ")
-                        ));
-                    }
+                    let field = field_of(kind, &name, &format!("{{{name}}}"))?;
                     if !lit.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut lit)));
                     }
-                    parts.push(Part::Field(name));
+                    parts.push(Part::Field(field));
                 }
                 '}' => return Err("unmatched `}` (write `}}` for a literal brace)".into()),
                 c => lit.push(c),
@@ -252,12 +134,12 @@ impl Template {
     }
 
     /// The message for an event; a field the kernel did not give renders as `?`.
-    pub fn render(&self, event: &KernelEvent) -> String {
+    pub fn render(&self, event: &Detail) -> String {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::Field(f) => match field(event, f) {
+                Part::Field(f) => match f.text(event) {
                     Some(v) => out.push_str(&v),
                     None => out.push('?'),
                 },
@@ -269,6 +151,7 @@ impl Template {
     /// The default message of a kind when a rule gives none.
     pub fn default_for(kind: EventKind) -> Self {
         let text = match kind {
+            EventKind::Log => "{message}",
             EventKind::HungTask => {
                 "task {comm}:{pid} blocked for more than kernel.hung_task_timeout_secs seconds."
             }
@@ -312,12 +195,12 @@ pub enum BlockAt {
 
 impl FaultKey {
     /// The fault behind a structured event.
-    pub fn of_event(event: &KernelEvent) -> Option<Self> {
+    pub fn of_event(event: &Detail) -> Option<Self> {
         match event {
-            KernelEvent::Log(_) => None,
-            KernelEvent::HungTask(h) => Some(FaultKey::HungTask(h.pid)),
-            KernelEvent::OomKill(o) => Some(FaultKey::OomKill(o.pid)),
-            KernelEvent::BlockError(b) => Some(FaultKey::BlockError {
+            Detail::Log(_) => None,
+            Detail::HungTask(h) => Some(FaultKey::HungTask(h.pid)),
+            Detail::OomKill(o) => Some(FaultKey::OomKill(o.pid)),
+            Detail::BlockError(b) => Some(FaultKey::BlockError {
                 device: disk_of(&b.device.clone().unwrap_or_else(|| b.dev.to_string())),
                 at: BlockAt::Sector(b.sector),
             }),
@@ -420,7 +303,7 @@ pub fn disk_of(name: &str) -> String {
 }
 
 /// The structured fields of a kernel event as JSON, for the report's extra fields.
-pub fn event_fields(event: &KernelEvent) -> serde_json::Map<String, serde_json::Value> {
+pub fn event_fields(event: &Detail) -> serde_json::Map<String, serde_json::Value> {
     match serde_json::to_value(event) {
         Ok(serde_json::Value::Object(map)) => map,
         _ => serde_json::Map::new(),
@@ -430,18 +313,10 @@ pub fn event_fields(event: &KernelEvent) -> serde_json::Map<String, serde_json::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{BlockOp, DevNum};
+    use crate::event::{OomKill, fixtures};
 
-    fn block(device: Option<&str>) -> KernelEvent {
-        KernelEvent::BlockError(BlockError {
-            device: device.map(str::to_owned),
-            dev: DevNum { major: 7, minor: 0 },
-            sector: 24576,
-            nr_sectors: 8,
-            op: BlockOp::Read,
-            rwbs: "R".into(),
-            error: -5,
-        })
+    fn block(device: Option<&str>) -> Detail {
+        Detail::from(fixtures::block_error(device))
     }
 
     #[test]
@@ -461,7 +336,7 @@ mod tests {
                 .unwrap_err()
                 .contains("unclosed")
         );
-        let oom = KernelEvent::OomKill(OomKill {
+        let oom = Detail::from(OomKill {
             pid: 9,
             ..Default::default()
         });

@@ -6,7 +6,22 @@ use npd_common::{HEADER_LEN, RecordHeader, RecordKind};
 use thiserror::Error;
 
 use super::format::{Field, FieldError, TracepointFormat};
-use crate::event::{BlockError, BlockOp, DevNum, HungTask, KernelEvent, LogMessage, OomKill};
+use crate::{
+    event::{
+        BlockError, BlockOp, Detail, DevNum, EventKind, HungTask, KernelEvent, LogMessage, OomKill,
+    },
+    time::Mono,
+};
+
+/// The kind of event a record becomes (both block tracepoints give block errors).
+pub fn event_kind(record: RecordKind) -> EventKind {
+    match record {
+        RecordKind::Console => EventKind::Log,
+        RecordKind::HungTask => EventKind::HungTask,
+        RecordKind::OomVictim => EventKind::OomKill,
+        RecordKind::BlockError | RecordKind::BlockComplete => EventKind::BlockError,
+    }
+}
 
 /// A record that could not be decoded. Each is counted; none stops the sensor.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -144,18 +159,27 @@ pub fn split_record(record: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError>
     Ok((header, &payload[..header.data_len as usize]))
 }
 
-/// Decodes one ring-buffer record.
+/// Decodes one ring-buffer record; the event's time is the record's `ktime_ns`.
 pub fn decode(record: &[u8], layouts: &Layouts) -> Result<KernelEvent, DecodeError> {
     let (header, data) = split_record(record)?;
+    let detail = decode_detail(&header, data, layouts)?;
+    Ok(KernelEvent::new(Mono::from_nanos(header.ktime_ns), detail))
+}
+
+fn decode_detail(
+    header: &RecordHeader,
+    data: &[u8],
+    layouts: &Layouts,
+) -> Result<Detail, DecodeError> {
     let kind = RecordKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     match kind {
-        RecordKind::Console => Ok(KernelEvent::Log(decode_console(&header, data))),
+        RecordKind::Console => Ok(Detail::Log(decode_console(header, data))),
         RecordKind::HungTask => {
             let l = layouts
                 .hung_task
                 .as_ref()
                 .ok_or(DecodeError::NoFormat(kind))?;
-            Ok(KernelEvent::HungTask(HungTask {
+            Ok(Detail::HungTask(HungTask {
                 pid: l.pid.read_i64(data)? as i32,
                 comm: l.comm.read_string(data)?,
             }))
@@ -163,7 +187,7 @@ pub fn decode(record: &[u8], layouts: &Layouts) -> Result<KernelEvent, DecodeErr
         RecordKind::OomVictim => {
             let l = layouts.oom.as_ref().ok_or(DecodeError::NoFormat(kind))?;
             let u64_of = |f: &Option<Field>| f.as_ref().map(|f| f.read_u64(data)).transpose();
-            Ok(KernelEvent::OomKill(OomKill {
+            Ok(Detail::OomKill(OomKill {
                 pid: l.pid.read_i64(data)? as i32,
                 comm: l.comm.as_ref().map(|f| f.read_string(data)).transpose()?,
                 uid: u64_of(&l.uid)?.map(|v| v as u32),
@@ -184,7 +208,7 @@ pub fn decode(record: &[u8], layouts: &Layouts) -> Result<KernelEvent, DecodeErr
             let l = layouts.block.as_ref().ok_or(DecodeError::NoFormat(kind))?;
             let dev = DevNum::from_kernel_dev(l.dev.read_u64(data)? as u32);
             let rwbs = l.rwbs.read_string(data)?;
-            Ok(KernelEvent::BlockError(BlockError {
+            Ok(Detail::BlockError(BlockError {
                 device: None,
                 dev,
                 sector: l.sector.read_u64(data)?,
@@ -261,12 +285,16 @@ mod tests {
     #[test]
     fn console_text_and_truncation() {
         let layouts = Layouts::default();
-        let ev = decode(&record(RecordKind::Console, b"hello\n", 6), &layouts).unwrap();
-        assert_eq!(ev, KernelEvent::Log(LogMessage::new("hello")));
-        let ev = decode(&record(RecordKind::Console, b"abc", 5000), &layouts).unwrap();
+        let event = decode(&record(RecordKind::Console, b"hello\n", 6), &layouts).unwrap();
+        assert_eq!(event.at, Mono::from_nanos(123), "the record's ktime_ns");
+        let ev = event.detail;
+        assert_eq!(ev, Detail::Log(LogMessage::new("hello")));
+        let ev = decode(&record(RecordKind::Console, b"abc", 5000), &layouts)
+            .unwrap()
+            .detail;
         assert_eq!(
             ev,
-            KernelEvent::Log(LogMessage {
+            Detail::Log(LogMessage {
                 message: "abc".into(),
                 truncated_from: Some(5000),
                 seq: None
@@ -281,10 +309,12 @@ mod tests {
             let mut layouts = Layouts::default();
             layouts.set_hung_task(&f).unwrap();
             let data = raw(&f, &[("pid", 4242)], &[("comm", "writer")]);
-            let ev = decode(&record(RecordKind::HungTask, &data, 0), &layouts).unwrap();
+            let ev = decode(&record(RecordKind::HungTask, &data, 0), &layouts)
+                .unwrap()
+                .detail;
             assert_eq!(
                 ev,
-                KernelEvent::HungTask(HungTask {
+                Detail::HungTask(HungTask {
                     pid: 4242,
                     comm: "writer".into()
                 }),
@@ -302,10 +332,11 @@ mod tests {
             &record(RecordKind::OomVictim, &raw(&old, &[("pid", 7)], &[]), 0),
             &layouts,
         )
-        .unwrap();
+        .unwrap()
+        .detail;
         assert_eq!(
             ev,
-            KernelEvent::OomKill(OomKill {
+            Detail::OomKill(OomKill {
                 pid: 7,
                 ..Default::default()
             })
@@ -327,10 +358,12 @@ mod tests {
             ],
             &[("comm", "stress")],
         );
-        let ev = decode(&record(RecordKind::OomVictim, &data, 0), &layouts).unwrap();
+        let ev = decode(&record(RecordKind::OomVictim, &data, 0), &layouts)
+            .unwrap()
+            .detail;
         assert_eq!(
             ev,
-            KernelEvent::OomKill(OomKill {
+            Detail::OomKill(OomKill {
                 pid: 99,
                 comm: Some("stress".into()),
                 uid: Some(1000),
@@ -360,10 +393,12 @@ mod tests {
                 ],
                 &[("rwbs", "R")],
             );
-            let ev = decode(&record(RecordKind::BlockComplete, &data, 0), &layouts).unwrap();
+            let ev = decode(&record(RecordKind::BlockComplete, &data, 0), &layouts)
+                .unwrap()
+                .detail;
             assert_eq!(
                 ev,
-                KernelEvent::BlockError(BlockError {
+                Detail::BlockError(BlockError {
                     // Resolved later, off the reader.
                     device: None,
                     dev: DevNum { major: 7, minor: 0 },

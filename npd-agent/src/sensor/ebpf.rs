@@ -5,7 +5,7 @@
 use std::{
     fmt::Write as _,
     path::Path,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -14,57 +14,56 @@ use aya::{
     programs::TracePoint,
 };
 use npd_common::{LossReason, ProgramConfig, RecordKind, loss_slot};
-use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
-    Losses, ReaderControl, SensorConfig, SensorStats,
+    Batch, Losses, SensorConfig, SensorStats,
     decode::{self, Layouts},
     format::TracepointFormat,
-    supervise,
+    supervise::{self, Readers},
 };
-use crate::event::KernelEvent;
 
 /// The compiled programs, built by `build.rs` from `npd-ebpf`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npd"));
 
-/// One tracepoint npd can attach to.
-struct Probe {
+/// One tracepoint npd can attach to: a row of the loader table.
+struct TracepointSpec {
     /// Program name in the object.
     program: &'static str,
     /// Tracepoint group and name.
     group: &'static str,
     name: &'static str,
-    /// Attached only when this other probe could not be (a fallback).
+    /// Attached only when this other tracepoint could not be (a fallback).
     fallback_for: Option<&'static str>,
 }
 
 /// The loader table: what npd attaches, in order.
-const PROBES: [Probe; 5] = [
-    Probe {
+const TRACEPOINTS: [TracepointSpec; 5] = [
+    TracepointSpec {
         program: "console",
         group: "printk",
         name: "console",
         fallback_for: None,
     },
-    Probe {
+    TracepointSpec {
         program: "sched_process_hang",
         group: "sched",
         name: "sched_process_hang",
         fallback_for: None,
     },
-    Probe {
+    TracepointSpec {
         program: "mark_victim",
         group: "oom",
         name: "mark_victim",
         fallback_for: None,
     },
-    Probe {
+    TracepointSpec {
         program: "block_rq_error",
         group: "block",
         name: "block_rq_error",
         fallback_for: None,
     },
-    Probe {
+    TracepointSpec {
         program: "block_rq_complete",
         group: "block",
         name: "block_rq_complete",
@@ -94,25 +93,20 @@ pub struct LossCounters {
 }
 
 impl LossCounters {
-    /// Sums the per-CPU loss counters (one map lookup per slot).
+    /// Sums the per-CPU loss counters (one map lookup per slot), by the kind of event each
+    /// record would have been.
     pub fn read(&self) -> Losses {
         let mut out = Losses::default();
         let Ok(map) = self.map.lock() else { return out };
-        let kinds = [
-            (0, RecordKind::Console),
-            (1, RecordKind::HungTask),
-            (2, RecordKind::OomVictim),
-            (3, RecordKind::BlockError),
-            (3, RecordKind::BlockComplete),
-        ];
-        for (index, kind) in kinds {
+        for record in RecordKind::ALL {
+            let kind = decode::event_kind(record);
             let sum = |reason| {
-                map.get(&loss_slot(kind, reason), 0)
+                map.get(&loss_slot(record, reason), 0)
                     .map(|values| values.iter().sum::<u64>())
                     .unwrap_or(0)
             };
-            out.ring_full[index] += sum(LossReason::RingFull);
-            out.read_errors[index] += sum(LossReason::ReadError);
+            out.ring_full[kind] += sum(LossReason::RingFull);
+            out.read_errors[kind] += sum(LossReason::ReadError);
         }
         out
     }
@@ -122,7 +116,7 @@ impl LossCounters {
 struct RingReader {
     ring: AsyncFd<RingBuf<MapData>>,
     layouts: Layouts,
-    tx: mpsc::Sender<KernelEvent>,
+    tx: mpsc::Sender<Batch>,
     stats: Arc<SensorStats>,
 }
 
@@ -136,12 +130,11 @@ impl supervise::Reader for RingReader {
 
 impl EbpfSource {
     /// Loads, attaches and starts reading. Errors say precisely what is missing.
-    pub fn start(
+    pub(crate) fn start(
         config: &SensorConfig,
-        tx: mpsc::Sender<KernelEvent>,
-        stats: Arc<SensorStats>,
-        control: Arc<ReaderControl>,
-    ) -> anyhow::Result<(EbpfSource, JoinHandle<()>)> {
+        tx: mpsc::Sender<Batch>,
+        readers: &Readers,
+    ) -> anyhow::Result<EbpfSource> {
         use anyhow::Context as _;
 
         if PROGRAMS.is_empty() {
@@ -157,27 +150,27 @@ impl EbpfSource {
         let mut layouts = Layouts::default();
         let mut usable = Vec::new();
         let mut disabled = Vec::new();
-        for probe in &PROBES {
-            if let Some(primary) = probe.fallback_for
-                && usable.iter().any(|p: &&Probe| p.name == primary)
+        for tp in &TRACEPOINTS {
+            if let Some(primary) = tp.fallback_for
+                && usable.iter().any(|p: &&TracepointSpec| p.name == primary)
             {
                 continue;
             }
             let path = config
                 .tracefs
                 .join("events")
-                .join(probe.group)
-                .join(probe.name)
+                .join(tp.group)
+                .join(tp.name)
                 .join("format");
             let outcome = TracepointFormat::read(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|format| {
-                    apply_format(probe, &format, &mut program_config, &mut layouts)
+                    apply_format(tp, &format, &mut program_config, &mut layouts)
                         .map_err(|e| e.to_string())
                 });
             match outcome {
-                Ok(()) => usable.push(probe),
-                Err(why) => disabled.push((format!("{}:{}", probe.group, probe.name), why)),
+                Ok(()) => usable.push(tp),
+                Err(why) => disabled.push((format!("{}:{}", tp.group, tp.name), why)),
             }
         }
 
@@ -188,14 +181,14 @@ impl EbpfSource {
             .map_err(|e| explain_load_error(&e))?;
 
         match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => spawn_logger(logger),
+            Ok(logger) => spawn_logger(logger, readers),
             Err(e) => tracing::warn!("eBPF program diagnostics unavailable: {e}"),
         }
 
         let mut attached = Vec::new();
-        for probe in usable {
-            let name = format!("{}:{}", probe.group, probe.name);
-            match attach(&mut ebpf, probe) {
+        for tp in usable {
+            let name = format!("{}:{}", tp.group, tp.name);
+            match attach(&mut ebpf, tp) {
                 Ok(()) => attached.push(name),
                 Err(why) => disabled.push((name, why)),
             }
@@ -224,29 +217,21 @@ impl EbpfSource {
             ring,
             layouts,
             tx,
-            stats: stats.clone(),
+            stats: readers.stats.clone(),
         };
-        let task = supervise::spawn("eBPF ring buffer", reader, stats, control);
+        readers.spawn("eBPF ring buffer", reader);
         let console_attached = attached.iter().any(|a| a == "printk:console");
         let losses = Arc::new(LossCounters {
             map: Mutex::new(losses),
         });
-        Ok((
-            EbpfSource {
-                attached,
-                disabled,
-                console_attached,
-                losses,
-                _ebpf: ebpf,
-                _tracefs: tracefs,
-            },
-            task,
-        ))
-    }
-
-    /// Sums the per-CPU loss counters.
-    pub fn losses(&self) -> Losses {
-        self.losses.read()
+        Ok(EbpfSource {
+            attached,
+            disabled,
+            console_attached,
+            losses,
+            _ebpf: ebpf,
+            _tracefs: tracefs,
+        })
     }
 
     /// The loss counters, to read later without this source.
@@ -255,14 +240,14 @@ impl EbpfSource {
     }
 }
 
-/// Takes what a probe needs from its tracepoint format.
+/// Takes what a tracepoint's program and decoder need from its format.
 fn apply_format(
-    probe: &Probe,
+    tp: &TracepointSpec,
     format: &TracepointFormat,
     program_config: &mut ProgramConfig,
     layouts: &mut Layouts,
 ) -> Result<(), super::format::FieldError> {
-    match probe.program {
+    match tp.program {
         "console" => program_config.console_msg_loc_offset = format.require("msg")?.offset as u32,
         "sched_process_hang" => layouts.set_hung_task(format)?,
         "mark_victim" => layouts.set_oom(format)?,
@@ -276,63 +261,78 @@ fn apply_format(
     Ok(())
 }
 
-fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
+fn attach(ebpf: &mut Ebpf, tp: &TracepointSpec) -> Result<(), String> {
     let program: &mut TracePoint = ebpf
-        .program_mut(probe.program)
-        .ok_or_else(|| format!("program {} missing from the eBPF object", probe.program))?
+        .program_mut(tp.program)
+        .ok_or_else(|| format!("program {} missing from the eBPF object", tp.program))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
     program
         .load()
         .map_err(|e| format!("loading: {}", chain(&e)))?;
     program
-        .attach(probe.group, probe.name)
+        .attach(tp.group, tp.name)
         .map_err(|e| format!("attaching: {}", chain(&e)))?;
     Ok(())
 }
 
-/// Reads the ring buffer each time it becomes readable, until the receiver goes away.
+/// The most records handed over in one burst: a flood is handed over in bursts of this many,
+/// so that the consumer starts on the first while the reader drains the rest.
+const MAX_BATCH: usize = 1024;
+
+/// Reads the ring buffer each time it becomes readable, until the receiver goes away: every
+/// record available is decoded and handed over in one burst (one wake-up of the consumer).
 async fn read_ring(
     ring: &mut AsyncFd<RingBuf<MapData>>,
     layouts: &Layouts,
-    tx: &mpsc::Sender<KernelEvent>,
+    tx: &mpsc::Sender<Batch>,
     stats: &SensorStats,
 ) -> std::io::Result<supervise::Finished> {
     loop {
         let mut guard = ring.readable_mut().await?;
-        loop {
-            let decoded = {
-                let Some(item) = guard.get_inner_mut().next() else {
-                    break;
+        let mut drained = false;
+        while !drained {
+            let mut batch = Batch::new();
+            while batch.len() < MAX_BATCH {
+                let decoded = {
+                    let Some(item) = guard.get_inner_mut().next() else {
+                        drained = true;
+                        break;
+                    };
+                    decode::decode(&item, layouts)
                 };
-                decode::decode(&item, layouts)
-            };
-            match decoded {
-                Ok(event) => {
-                    stats.received[super::kind_index(&event)].fetch_add(1, Ordering::Relaxed);
-                    if tx.send(event).await.is_err() {
-                        return Ok(supervise::Finished::ConsumerGone);
+                match decoded {
+                    Ok(event) => {
+                        stats.received(event.kind());
+                        batch.push(event);
                     }
+                    Err(err) => stats.decode_error("eBPF record", &err),
                 }
-                Err(err) => {
-                    let n = stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    if n < 10 {
-                        tracing::warn!("undecodable eBPF record (counted): {err}");
-                    }
-                }
+            }
+            if !batch.is_empty() && tx.send(batch).await.is_err() {
+                return Ok(supervise::Finished::ConsumerGone);
             }
         }
         guard.clear_ready();
     }
 }
 
-fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+/// Forwards the programs' diagnostics to the log, as a tracked task that stops with the
+/// sensor.
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>, readers: &Readers) {
     match super::register_readable(logger) {
         Ok(mut logger) => {
-            tokio::spawn(async move {
-                while let Ok(mut guard) = logger.readable_mut().await {
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
+            let cancel = readers.tasks.cancel.clone();
+            readers.tasks.tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        ready = logger.readable_mut() => {
+                            let Ok(mut guard) = ready else { return };
+                            guard.get_inner_mut().flush();
+                            guard.clear_ready();
+                        }
+                        () = cancel.cancelled() => return,
+                    }
                 }
             });
         }

@@ -15,13 +15,20 @@ use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
+    time::Duration,
 };
 
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use super::{SensorStats, supervise::Finished};
-use crate::event::{KernelEvent, LogMessage};
+use super::{Batch, SensorStats, supervise::Finished};
+use crate::{
+    event::{EventKind, KernelEvent, LogMessage},
+    time::Mono,
+};
+
+/// The most records handed over in one burst.
+const MAX_BATCH: usize = 1024;
 
 /// One `/dev/kmsg` record: `PRI,SEQ,USEC,FLAGS[,...];TEXT` plus optional ` KEY=VALUE` lines.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,7 +185,7 @@ impl KmsgReader {
     /// input itself fails; the reader can then be run again.
     pub(crate) async fn run(
         &mut self,
-        tx: &mpsc::Sender<KernelEvent>,
+        tx: &mpsc::Sender<Batch>,
         stats: &SensorStats,
     ) -> io::Result<Finished> {
         match &mut self.input {
@@ -188,57 +195,71 @@ impl KmsgReader {
     }
 }
 
-/// Counts a record and hands it over; false when the consumer is gone.
-async fn deliver(
-    rec: KmsgRecord,
-    seq: &mut SequenceTracker,
-    tx: &mpsc::Sender<KernelEvent>,
-    stats: &SensorStats,
-) -> bool {
+/// Counts a record (and the records lost before it) and adds it to the burst. Its time is the
+/// kernel's: microseconds since boot.
+fn take(rec: KmsgRecord, seq: &mut SequenceTracker, batch: &mut Batch, stats: &SensorStats) {
     let lost = seq.observe(rec.seq);
     if lost > 0 {
-        stats.kmsg_lost.fetch_add(lost, Ordering::Relaxed);
+        stats.kmsg_lost(lost);
     }
-    stats.received[0].fetch_add(1, Ordering::Relaxed);
-    let event = KernelEvent::Log(LogMessage {
-        message: rec.text,
-        truncated_from: None,
-        seq: Some(rec.seq),
-    });
-    tx.send(event).await.is_ok()
+    stats.received(EventKind::Log);
+    batch.push(KernelEvent::new(
+        Mono::since_boot(Duration::from_micros(rec.usec)),
+        LogMessage {
+            message: rec.text,
+            truncated_from: None,
+            seq: Some(rec.seq),
+        },
+    ));
+}
+
+/// Hands a burst over (nothing when it is empty); false when the consumer is gone.
+async fn hand_over(batch: &mut Batch, tx: &mpsc::Sender<Batch>) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    tx.send(std::mem::take(batch)).await.is_ok()
 }
 
 async fn read_device(
     fd: &mut AsyncFd<OwnedFd>,
     buf: &mut [u8],
     seq: &mut SequenceTracker,
-    tx: &mpsc::Sender<KernelEvent>,
+    tx: &mpsc::Sender<Batch>,
     stats: &SensorStats,
 ) -> io::Result<Finished> {
+    let mut batch = Batch::new();
     loop {
         let mut guard = fd.readable().await?;
         loop {
+            if batch.len() >= MAX_BATCH && !hand_over(&mut batch, tx).await {
+                return Ok(Finished::ConsumerGone);
+            }
             match read_record(guard.get_inner().as_raw_fd(), buf) {
-                Ok(Read::Record(n)) => {
-                    let Some(rec) = parse_record(&buf[..n]) else {
-                        stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    };
-                    if !deliver(rec, seq, tx, stats).await {
-                        return Ok(Finished::ConsumerGone);
-                    }
-                }
+                Ok(Read::Record(n)) => match parse_record(&buf[..n]) {
+                    Some(rec) => take(rec, seq, &mut batch, stats),
+                    None => stats.decode_error("/dev/kmsg record", &"not PRI,SEQ,USEC,FLAGS;TEXT"),
+                },
                 Ok(Read::Nothing) => {
                     guard.clear_ready();
                     break;
                 }
-                Ok(Read::End) => return Ok(Finished::EndOfInput),
+                Ok(Read::End) => {
+                    hand_over(&mut batch, tx).await;
+                    return Ok(Finished::EndOfInput);
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
                     // The buffer wrapped under us; the sequence gap counts what was lost.
-                    stats.kmsg_overruns.fetch_add(1, Ordering::Relaxed);
+                    stats.kmsg_overrun();
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    hand_over(&mut batch, tx).await;
+                    return Err(e);
+                }
             }
+        }
+        if !hand_over(&mut batch, tx).await {
+            return Ok(Finished::ConsumerGone);
         }
     }
 }
@@ -247,28 +268,33 @@ async fn read_lines(
     lines: &mut Option<tokio::io::BufReader<tokio::fs::File>>,
     buf: &mut Vec<u8>,
     seq: &mut SequenceTracker,
-    tx: &mpsc::Sender<KernelEvent>,
+    tx: &mpsc::Sender<Batch>,
     stats: &SensorStats,
 ) -> io::Result<Finished> {
     use tokio::io::AsyncBufReadExt as _;
     let Some(input) = lines else {
         return Ok(Finished::EndOfInput);
     };
+    let mut batch = Batch::new();
     loop {
+        // What is already buffered goes in one burst.
+        if (batch.len() >= MAX_BATCH || input.buffer().is_empty())
+            && !hand_over(&mut batch, tx).await
+        {
+            return Ok(Finished::ConsumerGone);
+        }
         buf.clear();
         if input.read_until(b'\n', buf).await? == 0 {
             *lines = None;
+            hand_over(&mut batch, tx).await;
             return Ok(Finished::EndOfInput);
         }
         if buf.first() == Some(&b' ') || buf.iter().all(u8::is_ascii_whitespace) {
             continue; // a dictionary line of the record before, or an empty line
         }
-        let Some(rec) = parse_record(buf) else {
-            stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        if !deliver(rec, seq, tx, stats).await {
-            return Ok(Finished::ConsumerGone);
+        match parse_record(buf) {
+            Some(rec) => take(rec, seq, &mut batch, stats),
+            None => stats.decode_error("/dev/kmsg record", &"not PRI,SEQ,USEC,FLAGS;TEXT"),
         }
     }
 }
@@ -276,7 +302,7 @@ async fn read_lines(
 /// A [`KmsgReader`] with its consumer, as the supervisor restarts it.
 pub(crate) struct KmsgTask {
     pub(crate) reader: KmsgReader,
-    pub(crate) tx: mpsc::Sender<KernelEvent>,
+    pub(crate) tx: mpsc::Sender<Batch>,
     pub(crate) stats: Arc<SensorStats>,
 }
 
@@ -364,12 +390,22 @@ mod tests {
         // Run again (as the supervisor would): still the end.
         assert_eq!(reader.run(&tx, &stats).await.unwrap(), Finished::EndOfInput);
         let mut texts = Vec::new();
-        while let Ok(KernelEvent::Log(m)) = rx.try_recv() {
-            texts.push(m.message);
+        while let Ok(batch) = rx.try_recv() {
+            for event in batch {
+                let crate::event::Detail::Log(m) = event.detail else {
+                    panic!("{event:?}")
+                };
+                // Its time is the record's, in microseconds since boot.
+                assert_eq!(
+                    event.at,
+                    Mono::since_boot(Duration::from_micros(texts.len() as u64 + 1))
+                );
+                texts.push(m.message);
+            }
         }
         assert_eq!(texts, ["first", "second"]);
-        assert_eq!(stats.decode_errors.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.kmsg_lost.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.metrics.decode_errors.get(), 1);
+        assert_eq!(stats.metrics.kmsg_lost.get(), 2);
     }
 
     #[test]

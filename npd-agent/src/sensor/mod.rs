@@ -1,5 +1,6 @@
-//! The sensor: gets kernel events out of the kernel and hands them over as [`KernelEvent`]s on
-//! a channel, the moment the kernel reports them (readiness-driven; no timers, no polling).
+//! The sensor: gets kernel events out of the kernel and hands them over in bursts (one message
+//! per readiness wake-up, whatever the number of events in it), the moment the kernel reports
+//! them (readiness-driven; no timers, no polling).
 //!
 //! Sources, chosen by [`SourceChoice`]:
 //! * eBPF (`ebpf`): programs on `printk:console`, `sched:sched_process_hang`, `oom:mark_victim`
@@ -10,27 +11,37 @@
 //!
 //! `auto` tries eBPF and falls back to `/dev/kmsg`, saying once and precisely why.
 
-pub mod blockdev;
+pub(crate) mod blockdev;
 pub mod decode;
-pub mod ebpf;
+pub(crate) mod ebpf;
 pub mod format;
 pub mod kmsg;
-pub mod supervise;
+pub(crate) mod stats;
+pub(crate) mod supervise;
 
-use std::{
-    path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-};
+use std::{path::PathBuf, sync::Arc};
 
 use thiserror::Error;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::sync::mpsc;
 
-pub use crate::cli::SourceChoice;
-use crate::event::KernelEvent;
+pub use self::stats::{Losses, SensorMetrics, SensorSnapshot, SensorStats};
+use crate::{event::KernelEvent, tasks::Tasks};
 pub use supervise::ReaderControl;
+
+/// Where kernel events come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceChoice {
+    /// eBPF when it can be used, else `/dev/kmsg`.
+    #[default]
+    Auto,
+    /// eBPF only; fail when it cannot be used.
+    Ebpf,
+    /// `/dev/kmsg` only (kernel messages; no structured events).
+    Kmsg,
+}
+
+/// The events one wake-up of a reader found, in the order the kernel reported them.
+pub type Batch = Vec<KernelEvent>;
 
 /// Registers a descriptor we own with the tokio reactor, for readability.
 pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
@@ -48,6 +59,21 @@ pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
 /// kernel maps the data pages twice, for wrap-around).
 pub const DEFAULT_RING_BUFFER_SIZE: u32 = 4 * 1024 * 1024;
 
+/// The smallest and largest ring buffer: a power of two from one page to 1 GiB (the kernel's
+/// rule for a BPF ring buffer, which must also be a multiple of the page size).
+pub const RING_BUFFER_SIZES: (u32, u32) = (4096, 1 << 30);
+
+/// Checks a ring buffer size; the error says what is allowed.
+pub fn check_ring_buffer_size(n: u32) -> Result<u32, String> {
+    let (min, max) = RING_BUFFER_SIZES;
+    if !n.is_power_of_two() || n < min || n > max {
+        return Err(format!(
+            "{n} is not a power of two from {min} to {max} bytes (e.g. 4194304 for 4 MiB)"
+        ));
+    }
+    Ok(n)
+}
+
 /// How the sensor is set up.
 #[derive(Clone, Debug)]
 pub struct SensorConfig {
@@ -57,9 +83,9 @@ pub struct SensorConfig {
     pub tracefs: PathBuf,
     /// The kernel log device.
     pub kmsg_path: PathBuf,
-    /// eBPF ring buffer size in bytes.
+    /// eBPF ring buffer size in bytes (see [`check_ring_buffer_size`]).
     pub ring_buffer_size: u32,
-    /// Capacity of the channel between the reader and the consumer. When the consumer falls
+    /// How many bursts may wait between the readers and the consumer. When the consumer falls
     /// behind, the reader waits and the ring buffer absorbs the burst (and counts what it
     /// cannot take): nothing is dropped silently in userspace.
     pub channel_capacity: usize,
@@ -70,10 +96,10 @@ impl SensorConfig {
     pub fn new(source: SourceChoice) -> Self {
         Self {
             source,
-            tracefs: PathBuf::from("/sys/kernel/tracing"),
+            tracefs: PathBuf::from(ebpf::STANDARD_TRACEFS),
             kmsg_path: PathBuf::from("/dev/kmsg"),
             ring_buffer_size: DEFAULT_RING_BUFFER_SIZE,
-            channel_capacity: 8192,
+            channel_capacity: 64,
         }
     }
 }
@@ -127,85 +153,17 @@ impl ActiveSource {
     }
 }
 
-/// Kernel-event kinds, in the order of [`SensorStats::received`].
-pub const EVENT_KINDS: [&str; 4] = ["log", "hung_task", "oom_kill", "block_error"];
-
-/// Index of an event's kind in [`SensorStats::received`].
-pub fn kind_index(event: &KernelEvent) -> usize {
-    match event {
-        KernelEvent::Log(_) => 0,
-        KernelEvent::HungTask(_) => 1,
-        KernelEvent::OomKill(_) => 2,
-        KernelEvent::BlockError(_) => 3,
-    }
-}
-
-/// Counters the sensor keeps while it runs; read by metrics and health at any time.
-#[derive(Debug, Default)]
-pub struct SensorStats {
-    /// Events delivered, by kind ([`EVENT_KINDS`] order).
-    pub received: [AtomicU64; 4],
-    /// Records that could not be decoded.
-    pub decode_errors: AtomicU64,
-    /// `/dev/kmsg` records lost to log-buffer overruns (sequence gaps).
-    pub kmsg_lost: AtomicU64,
-    /// Times `/dev/kmsg` reported an overrun (EPIPE).
-    pub kmsg_overruns: AtomicU64,
-    /// False once a reader stopped (its error is in `reader_error`).
-    pub reading: AtomicBool,
-    /// Why a reader last stopped, if one did (kept after a restart, for the record).
-    pub reader_error: Mutex<Option<String>>,
-    /// Times a failed reader was restarted.
-    pub reader_restarts: AtomicU64,
-    /// True once a reader's input ended (a file or a pipe given as `--kmsg-path`).
-    pub input_ended: AtomicBool,
-}
-
-impl SensorStats {
-    pub(crate) fn reader_ended(&self, what: &str) {
-        tracing::warn!("{what} reader: end of input; no more kernel messages will come from it");
-        self.input_ended.store(true, Ordering::SeqCst);
-        self.reading.store(false, Ordering::SeqCst);
-        if let Ok(mut slot) = self.reader_error.lock() {
-            *slot = Some(format!("{what} reader: end of input"));
-        }
-    }
-
-    pub(crate) fn reader_failed(&self, what: &str, err: impl std::fmt::Display) {
-        tracing::error!("{what} reader stopped: {err}");
-        self.reading.store(false, Ordering::SeqCst);
-        if let Ok(mut slot) = self.reader_error.lock() {
-            *slot = Some(format!("{what} reader stopped: {err}"));
-        }
-    }
-}
-
-/// What the kernel side could not deliver (eBPF only), summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Losses {
-    /// Records the ring buffer could not take, by kind ([`EVENT_KINDS`] order).
-    pub ring_full: [u64; 4],
-    /// Records whose tracepoint data could not be read, by kind.
-    pub read_errors: [u64; 4],
-}
-
-impl Losses {
-    /// All losses together.
-    pub fn total(&self) -> u64 {
-        self.ring_full.iter().chain(&self.read_errors).sum()
-    }
-}
-
-/// A running sensor. Dropping it detaches the programs and stops the readers.
-pub struct Sensor {
-    /// The decoded events, in the order each reader saw them.
-    pub events: mpsc::Receiver<KernelEvent>,
+/// A cheap, clonable view of a sensor's state and counters, for metrics, health and the
+/// stats line, read when asked (nothing polls). Valid for as long as the process runs; holding
+/// it does not keep the programs attached.
+#[derive(Clone)]
+pub struct SensorView {
     /// The active source.
     pub source: ActiveSource,
-    /// Tracepoints attached (`group:name`), empty for `/dev/kmsg`.
-    pub attached: Vec<String>,
+    /// Tracepoints attached (`group:name`).
+    pub attached: Arc<[String]>,
     /// Tracepoints not attached, with the reason.
-    pub disabled: Vec<(String, String)>,
+    pub disabled: Arc<[(String, String)]>,
     /// Whether kernel messages come from `/dev/kmsg` (the `kmsg` source, or eBPF without
     /// `printk:console`).
     pub kmsg_reader: bool,
@@ -213,54 +171,147 @@ pub struct Sensor {
     pub stats: Arc<SensorStats>,
     control: Arc<ReaderControl>,
     loss_counters: Option<Arc<ebpf::LossCounters>>,
+}
+
+impl std::fmt::Debug for SensorView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SensorView")
+            .field("source", &self.source)
+            .field("attached", &self.attached)
+            .field("kmsg_reader", &self.kmsg_reader)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SensorView {
+    /// A view of counters without a running sensor (tests, tools that count by hand).
+    pub fn detached(source: ActiveSource, stats: Arc<SensorStats>) -> Self {
+        SensorView {
+            source,
+            attached: Arc::from([]),
+            disabled: Arc::from([]),
+            kmsg_reader: source == ActiveSource::Kmsg,
+            stats,
+            control: Arc::new(ReaderControl::default()),
+            loss_counters: None,
+        }
+    }
+
+    /// Everything now, in one value: the eBPF loss counters are read once (one map lookup
+    /// per slot).
+    pub fn snapshot(&self) -> SensorSnapshot {
+        let m = &self.stats.metrics;
+        SensorSnapshot {
+            source: self.source.as_str(),
+            attached: self.attached.to_vec(),
+            disabled: self.disabled.to_vec(),
+            kmsg_reader: self.kmsg_reader,
+            reading: self.stats.reading(),
+            reader_error: self.stats.reader_error(),
+            reader_restarts: m.reader_restarts.get(),
+            received: crate::event::PerKind::from_fn(|k| m.received[k].get()),
+            losses: self.losses(),
+            kmsg_lost: m.kmsg_lost.get(),
+            kmsg_overruns: m.kmsg_overruns.get(),
+            decode_errors: m.decode_errors.get(),
+        }
+    }
+
+    /// What the eBPF programs could not deliver so far (zero for `/dev/kmsg`).
+    pub fn losses(&self) -> Losses {
+        self.loss_counters
+            .as_deref()
+            .map(ebpf::LossCounters::read)
+            .unwrap_or_default()
+    }
+
+    /// Everything lost so far, from any source.
+    pub fn lost_total(&self) -> u64 {
+        self.losses().total() + self.stats.metrics.kmsg_lost.get()
+    }
+
+    /// Registers the sensor's metrics: its counters, which source and tracepoints are in use,
+    /// and the eBPF loss counters (read at scrape time).
+    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let m = &self.stats.metrics;
+        m.register(registry)?;
+        for candidate in [ActiveSource::Ebpf, ActiveSource::Kmsg] {
+            m.source
+                .with_label_values(&[candidate.as_str()])
+                .set(i64::from(self.source == candidate));
+        }
+        for tp in self.attached.iter() {
+            m.tracepoint_attached.with_label_values(&[tp]).set(1);
+        }
+        for (tp, _) in self.disabled.iter() {
+            m.tracepoint_attached.with_label_values(&[tp]).set(0);
+        }
+        if let Some(counters) = &self.loss_counters {
+            registry.register(Box::new(stats::LossCollector::new(counters.clone())?))?;
+        }
+        Ok(())
+    }
+
+    /// Fault injection: kills the running reader(s) and keeps them down for `down_for`. Only
+    /// reachable through `--debug-endpoints`; see [`supervise`].
+    pub fn kill_reader(&self, down_for: std::time::Duration) {
+        self.control.kill(down_for);
+    }
+}
+
+/// A running sensor. [`Sensor::stop`] stops its readers; dropping it detaches the programs.
+pub struct Sensor {
+    /// The decoded events, a burst at a time.
+    pub events: mpsc::Receiver<Batch>,
+    /// Its state and counters.
+    pub view: SensorView,
     ebpf: Option<ebpf::EbpfSource>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl Sensor {
     /// Starts the sensor. Must be called within a tokio runtime.
     pub fn start(config: &SensorConfig) -> Result<Sensor, SensorError> {
         // A bad size is the caller's mistake, not a reason to fall back to /dev/kmsg.
-        let size = config.ring_buffer_size;
-        if !size.is_power_of_two() || size < 4096 {
-            return Err(SensorError::Config(format!(
-                "ring buffer size {size} is not a power of two of at least 4096 bytes"
-            )));
-        }
-        let (tx, events) = mpsc::channel(config.channel_capacity);
+        check_ring_buffer_size(config.ring_buffer_size).map_err(SensorError::Config)?;
+        let (tx, events) = mpsc::channel(config.channel_capacity.max(1));
         let stats = Arc::new(SensorStats::default());
-        stats.reading.store(true, Ordering::SeqCst);
+        stats.reader_running();
         let control = Arc::new(ReaderControl::default());
+        let tasks = Tasks::default();
+        let readers = supervise::Readers {
+            stats: stats.clone(),
+            control: control.clone(),
+            tasks: tasks.clone(),
+        };
         let ebpf_result = match config.source {
             SourceChoice::Kmsg => None,
-            SourceChoice::Ebpf | SourceChoice::Auto => Some(ebpf::EbpfSource::start(
-                config,
-                tx.clone(),
-                stats.clone(),
-                control.clone(),
-            )),
+            SourceChoice::Ebpf | SourceChoice::Auto => {
+                Some(ebpf::EbpfSource::start(config, tx.clone(), &readers))
+            }
         };
         let mut sensor = Sensor {
             events,
-            source: ActiveSource::Kmsg,
-            attached: Vec::new(),
-            disabled: Vec::new(),
-            kmsg_reader: false,
-            stats: stats.clone(),
-            control: control.clone(),
-            loss_counters: None,
+            view: SensorView {
+                source: ActiveSource::Kmsg,
+                attached: Arc::from([]),
+                disabled: Arc::from([]),
+                kmsg_reader: false,
+                stats: stats.clone(),
+                control,
+                loss_counters: None,
+            },
             ebpf: None,
-            tasks: Vec::new(),
+            tasks,
         };
         let ebpf_failure = match ebpf_result {
-            Some(Ok((source, task))) => {
-                sensor.source = ActiveSource::Ebpf;
-                sensor.attached = source.attached.clone();
-                sensor.disabled = source.disabled.clone();
+            Some(Ok(source)) => {
+                sensor.view.source = ActiveSource::Ebpf;
+                sensor.view.attached = source.attached.clone().into();
+                sensor.view.disabled = source.disabled.clone().into();
+                sensor.view.loss_counters = Some(source.loss_counters());
                 let console = source.console_attached;
-                sensor.loss_counters = Some(source.loss_counters());
                 sensor.ebpf = Some(source);
-                sensor.tasks.push(task);
                 if console {
                     return Ok(sensor);
                 }
@@ -312,124 +363,21 @@ impl Sensor {
                 config.kmsg_path.display()
             );
         }
-        sensor.kmsg_reader = true;
-        let task = kmsg::KmsgTask {
-            reader,
-            tx,
-            stats: stats.clone(),
-        };
-        sensor
-            .tasks
-            .push(supervise::spawn("/dev/kmsg", task, stats, control));
+        sensor.view.kmsg_reader = true;
+        readers.spawn("/dev/kmsg", kmsg::KmsgTask { reader, tx, stats });
         Ok(sensor)
     }
 
-    /// What the eBPF programs could not deliver so far (zero for `/dev/kmsg`).
-    pub fn losses(&self) -> Losses {
-        read_losses(self.loss_counters.as_deref())
-    }
-
-    /// Everything lost so far, from any source.
-    pub fn lost_total(&self) -> u64 {
-        lost_total(self.loss_counters.as_deref(), &self.stats)
-    }
-
-    /// A cheap, clonable view of the sensor's state and counters for metrics and health, valid
-    /// for as long as the process runs (it does not keep the programs attached).
-    pub fn probe(&self) -> SensorProbe {
-        SensorProbe {
-            source: self.source,
-            attached: self.attached.clone().into(),
-            disabled: self.disabled.clone().into(),
-            kmsg_reader: self.kmsg_reader,
-            stats: self.stats.clone(),
-            control: self.control.clone(),
-            loss_counters: self.loss_counters.clone(),
-        }
-    }
-}
-
-fn read_losses(counters: Option<&ebpf::LossCounters>) -> Losses {
-    counters.map(ebpf::LossCounters::read).unwrap_or_default()
-}
-
-fn lost_total(counters: Option<&ebpf::LossCounters>, stats: &SensorStats) -> u64 {
-    read_losses(counters).total() + stats.kmsg_lost.load(Ordering::Relaxed)
-}
-
-/// What metrics and health read from a running sensor, at the moment they are asked (nothing
-/// polls). Obtained with [`Sensor::probe`].
-#[derive(Clone)]
-pub struct SensorProbe {
-    /// The active source.
-    pub source: ActiveSource,
-    /// Tracepoints attached (`group:name`).
-    pub attached: Arc<[String]>,
-    /// Tracepoints not attached, with the reason.
-    pub disabled: Arc<[(String, String)]>,
-    /// Whether kernel messages come from `/dev/kmsg`.
-    pub kmsg_reader: bool,
-    /// Live counters.
-    pub stats: Arc<SensorStats>,
-    control: Arc<ReaderControl>,
-    loss_counters: Option<Arc<ebpf::LossCounters>>,
-}
-
-impl std::fmt::Debug for SensorProbe {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SensorProbe")
-            .field("source", &self.source)
-            .field("attached", &self.attached)
-            .field("kmsg_reader", &self.kmsg_reader)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SensorProbe {
-    /// A probe of counters without a running sensor (tests, tools that count by hand).
-    pub fn detached(source: ActiveSource, stats: Arc<SensorStats>) -> Self {
-        SensorProbe {
-            source,
-            attached: Arc::from([]),
-            disabled: Arc::from([]),
-            kmsg_reader: source == ActiveSource::Kmsg,
-            stats,
-            control: Arc::new(ReaderControl::default()),
-            loss_counters: None,
-        }
-    }
-
-    /// What the eBPF programs could not deliver so far (zero for `/dev/kmsg`); one map read.
-    pub fn losses(&self) -> Losses {
-        read_losses(self.loss_counters.as_deref())
-    }
-
-    /// Everything lost so far, from any source.
-    pub fn lost_total(&self) -> u64 {
-        lost_total(self.loss_counters.as_deref(), &self.stats)
-    }
-
-    /// Whether a reader task is running now.
-    pub fn reading(&self) -> bool {
-        self.stats.reading.load(Ordering::SeqCst)
-    }
-
-    /// Why the reader last stopped, if it ever did.
-    pub fn reader_error(&self) -> Option<String> {
-        self.stats.reader_error.lock().ok().and_then(|e| e.clone())
-    }
-
-    /// Fault injection: kills the running reader(s) and keeps them down for `down_for`. Only
-    /// reachable through `--debug-endpoints`; see [`supervise`].
-    pub fn kill_reader(&self, down_for: std::time::Duration) {
-        self.control.kill(down_for);
+    /// Stops the readers and waits for them, at most `limit`. What they already delivered
+    /// stays in [`Sensor::events`].
+    pub async fn stop(&self, limit: std::time::Duration) {
+        self.tasks.stop(limit, "the sensor's readers").await;
     }
 }
 
 impl Drop for Sensor {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        // Readers that were not stopped stop now; the programs are detached with `ebpf`.
+        self.tasks.cancel.cancel();
     }
 }

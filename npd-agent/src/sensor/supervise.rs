@@ -1,7 +1,8 @@
 //! Keeps a reader running: when one fails (an I/O error, a panic, or a kill requested through
 //! [`ReaderControl`]), marks the sensor as not reading, waits with exponential backoff and
 //! starts it again on the same descriptor. [`SensorStats::reading`] is true exactly while a
-//! reader task is running, which is what `/healthz` reports.
+//! reader task is running, which is what `/healthz` reports. Every task is tracked and stops
+//! when the sensor's cancellation token is cancelled.
 //!
 //! The eBPF programs and the ring buffer are owned by the agent: no other process can detach a
 //! program or close the ring buffer, so there is no external way to make a reader fail. Tests
@@ -12,13 +13,14 @@
 use std::{
     future::Future,
     io,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::sync::Notify;
 
 use super::SensorStats;
+use crate::tasks::Tasks;
 
 /// Why a reader returned without an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,72 +68,97 @@ impl ReaderControl {
     }
 }
 
-/// Aborts the task when dropped, so that aborting the supervisor also stops its reader.
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// What the sensor's readers share: their counters, the fault-injection control, the
+/// tasks (a cancellation token they stop on, and the tracker that knows every one).
+#[derive(Clone)]
+pub(crate) struct Readers {
+    pub(crate) stats: Arc<SensorStats>,
+    pub(crate) control: Arc<ReaderControl>,
+    pub(crate) tasks: Tasks,
 }
 
-/// Runs `reader` under supervision until its consumer goes away.
-pub(crate) fn spawn<R: Reader>(
-    what: &'static str,
-    reader: R,
-    stats: Arc<SensorStats>,
-    control: Arc<ReaderControl>,
-) -> JoinHandle<()> {
-    let reader = Arc::new(tokio::sync::Mutex::new(reader));
-    tokio::spawn(async move {
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            let running = reader.clone();
-            let mut task = AbortOnDrop(tokio::spawn(
-                async move { running.lock().await.run().await },
-            ));
-            stats.reading.store(true, Ordering::SeqCst);
-            let started = Instant::now();
-            let why = tokio::select! {
-                outcome = &mut task.0 => match outcome {
-                    // The consumer is gone: nothing left to do.
-                    Ok(Ok(Finished::ConsumerGone)) => return,
-                    // Nothing more will come (a file or a pipe): said once, not restarted.
-                    Ok(Ok(Finished::EndOfInput)) => {
-                        stats.reader_ended(what);
+impl Readers {
+    /// Runs `reader` under supervision until its consumer goes away, its input ends, or the
+    /// token is cancelled.
+    pub(crate) fn spawn<R: Reader>(&self, what: &'static str, reader: R) {
+        let Readers {
+            stats,
+            control,
+            tasks,
+        } = self.clone();
+        let reader = Arc::new(tokio::sync::Mutex::new(reader));
+        let (cancel, tracker) = (tasks.cancel, tasks.tracker);
+        let subtasks = tracker.clone();
+        tracker.spawn(async move {
+            let mut backoff = MIN_BACKOFF;
+            loop {
+                let running = reader.clone();
+                let mut task = subtasks.spawn(async move { running.lock().await.run().await });
+                stats.reader_running();
+                let started = Instant::now();
+                let why = tokio::select! {
+                    outcome = &mut task => match outcome {
+                        // The consumer is gone: nothing left to do.
+                        Ok(Ok(Finished::ConsumerGone)) => return,
+                        // Nothing more will come (a file or a pipe): said once, not restarted.
+                        Ok(Ok(Finished::EndOfInput)) => {
+                            stats.reader_ended(what);
+                            return;
+                        }
+                        Ok(Err(err)) => err.to_string(),
+                        Err(err) if err.is_panic() => "panicked".to_string(),
+                        Err(_) => "cancelled".to_string(),
+                    },
+                    () = control.kill.notified() => {
+                        task.abort();
+                        let _ = (&mut task).await;
+                        "killed on request (fault injection through --debug-endpoints)".to_string()
+                    }
+                    () = cancel.cancelled() => {
+                        task.abort();
+                        let _ = task.await;
                         return;
                     }
-                    Ok(Err(err)) => err.to_string(),
-                    Err(err) if err.is_panic() => "panicked".to_string(),
-                    Err(_) => "cancelled".to_string(),
-                },
-                () = control.kill.notified() => {
-                    task.0.abort();
-                    let _ = (&mut task.0).await;
-                    "killed on request (fault injection through --debug-endpoints)".to_string()
+                };
+                stats.reader_failed(what, &why);
+                if started.elapsed() >= STABLE_AFTER {
+                    backoff = MIN_BACKOFF;
                 }
-            };
-            stats.reader_failed(what, &why);
-            stats.reader_restarts.fetch_add(1, Ordering::Relaxed);
-            if started.elapsed() >= STABLE_AFTER {
-                backoff = MIN_BACKOFF;
+                let delay = control.take_down_for().unwrap_or(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tracing::warn!(
+                    reader = what,
+                    "restarting the {what} reader in {}",
+                    humantime::format_duration(delay)
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = cancel.cancelled() => return,
+                }
+                tracing::info!(reader = what, "{what} reader restarted");
             }
-            let delay = control.take_down_for().unwrap_or(backoff);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            tracing::warn!(
-                reader = what,
-                "restarting the {what} reader in {}",
-                humantime::format_duration(delay)
-            );
-            tokio::time::sleep(delay).await;
-            tracing::info!(reader = what, "{what} reader restarted");
-        }
-    })
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
+
+    fn readers(stats: &Arc<SensorStats>, control: &Arc<ReaderControl>) -> Readers {
+        Readers {
+            stats: stats.clone(),
+            control: control.clone(),
+            tasks: Tasks::default(),
+        }
+    }
+
+    async fn done(readers: &Readers) {
+        readers.tasks.tracker.close();
+        readers.tasks.tracker.wait().await;
+    }
 
     /// Fails the first `failures` runs, then waits until told to stop.
     struct Flaky {
@@ -173,7 +200,8 @@ mod tests {
             stop: stop.clone(),
         };
         let start = tokio::time::Instant::now();
-        let task = spawn("test", reader, stats.clone(), control);
+        let readers = readers(&stats, &control);
+        readers.spawn("test", reader);
         wait_for(|| runs.load(Ordering::SeqCst) == 4).await;
         // 100 ms + 200 ms + 400 ms of backoff.
         assert!(
@@ -181,14 +209,14 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
-        assert!(stats.reading.load(Ordering::SeqCst));
-        assert_eq!(stats.reader_restarts.load(Ordering::SeqCst), 3);
+        assert!(stats.reading());
+        assert_eq!(stats.metrics.reader_restarts.get(), 3);
         assert_eq!(
-            stats.reader_error.lock().unwrap().as_deref(),
+            stats.reader_error().as_deref(),
             Some("test reader stopped: failure 2")
         );
         stop.notify_one();
-        task.await.unwrap();
+        done(&readers).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -202,12 +230,13 @@ mod tests {
             runs: runs.clone(),
             stop: stop.clone(),
         };
-        let task = spawn("test", reader, stats.clone(), control.clone());
+        let readers = readers(&stats, &control);
+        readers.spawn("test", reader);
         wait_for(|| runs.load(Ordering::SeqCst) == 1).await;
         control.kill(Duration::from_secs(5));
-        wait_for(|| !stats.reading.load(Ordering::SeqCst)).await;
+        wait_for(|| !stats.reading()).await;
         let down = tokio::time::Instant::now();
-        wait_for(|| stats.reading.load(Ordering::SeqCst)).await;
+        wait_for(|| stats.reading()).await;
         assert!(
             down.elapsed() >= Duration::from_millis(4990),
             "{:?}",
@@ -215,6 +244,25 @@ mod tests {
         );
         wait_for(|| runs.load(Ordering::SeqCst) == 2).await;
         stop.notify_one();
-        task.await.unwrap();
+        done(&readers).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_stops_a_reader_and_its_supervisor() {
+        let stats = Arc::new(SensorStats::default());
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let control = Arc::new(ReaderControl::default());
+        let reader = Flaky {
+            failures: 0,
+            runs: runs.clone(),
+            stop: Arc::new(Notify::new()),
+        };
+        let readers = readers(&stats, &control);
+        readers.spawn("test", reader);
+        wait_for(|| runs.load(Ordering::SeqCst) == 1).await;
+        readers.tasks.cancel.cancel();
+        done(&readers).await;
+        assert!(readers.tasks.tracker.is_empty());
+        assert_eq!(stats.metrics.reader_restarts.get(), 0);
     }
 }

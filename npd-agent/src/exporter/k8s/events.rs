@@ -12,14 +12,17 @@ use kube::{
 };
 use tokio::time::Instant;
 
+use crate::logging::{LOG_INTERVAL, LogLimiter};
+
 use super::{
     ApiCall, CallError, Caller, ErrorClass, FIELD_MANAGER, k8s_time,
     state::{PendingEvent, PostedEvents},
-    stats::Counters,
 };
 
 /// The `problems` key of this task.
 const TASK: &str = "events";
+
+static REJECTED: LogLimiter = LogLimiter::new(LOG_INTERVAL, 10);
 
 pub(super) struct EventWriter {
     caller: Caller,
@@ -81,10 +84,11 @@ impl EventWriter {
             }
         }
         let dropped = self.caller.shared.lock().events.clear();
-        Counters::add(
-            &self.caller.shared.counters.events_dropped_at_shutdown,
-            dropped,
-        );
+        self.caller
+            .shared
+            .counters
+            .events_dropped_at_shutdown
+            .inc_by(dropped);
         if dropped == 0 {
             tracing::info!("Kubernetes Event writer stopped; every Event written");
         } else {
@@ -114,7 +118,6 @@ impl EventWriter {
     }
 
     async fn on_error(&mut self, event: PendingEvent, err: &CallError) {
-        let counters = &self.caller.shared.counters;
         match err.class() {
             ErrorClass::Transient => {
                 self.caller.shared.lock().events.requeue(event);
@@ -135,27 +138,36 @@ impl EventWriter {
                     self.caller.shared.lock().events.requeue(event);
                     self.caller.failed("posting an Event", err).await;
                 } else {
-                    let rejected =
-                        Counters::add(&counters.events_dropped_rejected, u64::from(event.count));
-                    tracing::warn!(
-                        reason = %event.key.reason,
-                        error = %err,
-                        rejected,
-                        "Event still forbidden after {}; dropped (counted as rejected)",
+                    let why = format!(
+                        "still forbidden after {}; dropped (counted as rejected)",
                         humantime::format_duration(limit)
                     );
+                    self.rejected(&event, err, &why);
                 }
             }
             ErrorClass::NotFound | ErrorClass::Conflict | ErrorClass::Rejected => {
-                let rejected =
-                    Counters::add(&counters.events_dropped_rejected, u64::from(event.count));
-                tracing::warn!(
-                    reason = %event.key.reason,
-                    error = %err,
-                    rejected,
-                    "Event rejected by the API server; dropped (not retried)"
+                self.rejected(
+                    &event,
+                    err,
+                    "rejected by the API server; dropped (not retried)",
                 );
             }
+        }
+    }
+
+    /// An Event the API server will not take: its occurrences are counted as rejected, and
+    /// said (rate limited).
+    fn rejected(&self, event: &PendingEvent, err: &CallError, why: &str) {
+        let counter = &self.caller.shared.counters.events_dropped_rejected;
+        counter.inc_by(u64::from(event.count));
+        if let Some(held_back) = REJECTED.allow() {
+            tracing::warn!(
+                reason = %event.key.reason,
+                error = %err,
+                rejected = counter.get(),
+                held_back,
+                "Event {why}"
+            );
         }
     }
 
@@ -167,7 +179,7 @@ impl EventWriter {
                 Ok(()) => {
                     self.posted.record(&next, posted.name, Instant::now());
                     let c = &self.caller.shared.counters;
-                    Counters::add(&c.events_aggregated, u64::from(event.count));
+                    c.events_aggregated.inc_by(u64::from(event.count));
                     return Ok(());
                 }
                 // Expired (Events live an hour by default) or deleted: post a new one.
@@ -205,8 +217,8 @@ impl EventWriter {
         }
         self.posted.record(event, name, Instant::now());
         let c = &self.caller.shared.counters;
-        Counters::add(&c.events_created, 1);
-        Counters::add(&c.events_aggregated, u64::from(event.count) - 1);
+        c.events_created.inc();
+        c.events_aggregated.inc_by(u64::from(event.count) - 1);
         Ok(())
     }
 

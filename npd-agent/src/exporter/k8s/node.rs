@@ -12,9 +12,8 @@ use tokio::{sync::mpsc, time::Instant};
 use super::{
     ApiCall, CallError, Caller, ErrorClass, FIELD_MANAGER, condition_from_json,
     state::{ConditionBook, conditions_owned_only_by},
-    stats::Counters,
 };
-use crate::problem::Condition;
+use crate::problem::{Condition, node_condition_json};
 
 /// The `problems` key of this task.
 const TASK: &str = "node";
@@ -137,7 +136,7 @@ impl NodeWriter {
         if !adopted.is_empty() {
             let _ = self.adoptions.send(adopted);
         }
-        Counters::set(&self.caller.shared.counters.node_adopted, true);
+        self.caller.shared.counters.node_adopted.set(1);
         tracing::info!(node = %self.name(), "Kubernetes exporter connected");
         let stale: Vec<String> = conditions_owned_only_by(&node.metadata, FIELD_MANAGER)
             .into_iter()
@@ -268,8 +267,9 @@ impl NodeWriter {
             }
             ErrorClass::Rejected | ErrorClass::Conflict => {
                 let c = &writes[0];
-                let rejected =
-                    Counters::add(&self.caller.shared.counters.condition_writes_rejected, 1);
+                let counter = &self.caller.shared.counters.condition_writes_rejected;
+                counter.inc();
+                let rejected = counter.get();
                 tracing::warn!(
                     condition = %c.type_,
                     status = c.status.as_str(),
@@ -312,19 +312,10 @@ impl NodeWriter {
 
     /// Writes these conditions to the Node's status, leaving every other condition alone.
     async fn patch_conditions(&self, conditions: &[Condition]) -> Result<(), CallError> {
-        let now = crate::time::rfc3339(std::time::SystemTime::now());
+        let now = std::time::SystemTime::now();
         let conditions: Vec<serde_json::Value> = conditions
             .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "type": c.type_,
-                    "status": c.status.as_str(),
-                    "reason": c.reason,
-                    "message": c.message,
-                    "lastTransitionTime": crate::time::rfc3339(c.transition_time),
-                    "lastHeartbeatTime": now,
-                })
-            })
+            .map(|c| node_condition_json(c, now))
             .collect();
         // Node status conditions merge by `type` (patchMergeKey): a strategic-merge patch
         // changes exactly the listed types.

@@ -11,6 +11,7 @@ use std::{
 use tokio::time::Instant;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use prometheus::IntGauge;
 
 use crate::problem::{Condition, ConditionStatus};
 
@@ -244,14 +245,22 @@ pub(super) enum Pushed {
 pub(super) struct EventQueue {
     items: VecDeque<PendingEvent>,
     capacity: usize,
+    /// `npd_k8s_events_queued`, kept equal to the queue's length.
+    queued: IntGauge,
 }
 
 impl EventQueue {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize, queued: IntGauge) -> Self {
         EventQueue {
             items: VecDeque::new(),
             capacity: capacity.max(1),
+            queued,
         }
+    }
+
+    fn changed(&self) {
+        self.queued
+            .set(i64::try_from(self.items.len()).unwrap_or(i64::MAX));
     }
 
     pub(super) fn push(&mut self, key: EventKey, message: String, at: SystemTime) -> Pushed {
@@ -272,6 +281,7 @@ impl EventQueue {
             return Pushed::Dropped;
         }
         self.items.push_back(occurrence);
+        self.changed();
         Pushed::Queued
     }
 
@@ -287,7 +297,13 @@ impl EventQueue {
         for (i, e) in self.items.iter().enumerate() {
             match ready_at(&e.key) {
                 Some(at) if at > now => earliest = Some(earliest.map_or(at, |x| x.min(at))),
-                _ => return Ok(self.items.remove(i).expect("index in range")),
+                _ => {
+                    let Some(event) = self.items.remove(i) else {
+                        break;
+                    };
+                    self.changed();
+                    return Ok(event);
+                }
             }
         }
         Err(earliest)
@@ -302,15 +318,14 @@ impl EventQueue {
             event.fold(later);
         }
         self.items.push_front(event);
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.items.len()
+        self.changed();
     }
 
     /// Removes everything; returns the number of occurrences removed.
     pub(super) fn clear(&mut self) -> u64 {
-        self.items.drain(..).map(|e| u64::from(e.count)).sum()
+        let n = self.items.drain(..).map(|e| u64::from(e.count)).sum();
+        self.changed();
+        n
     }
 }
 
@@ -546,7 +561,7 @@ mod tests {
     }
 
     fn pending(reason: &str) -> PendingEvent {
-        let mut q = EventQueue::new(1);
+        let mut q = EventQueue::new(1, crate::metrics::int_gauge("npd_test_queued", "test"));
         q.push(key(reason), "m".into(), at(1));
         pop(&mut q).unwrap()
     }
@@ -607,7 +622,7 @@ mod tests {
 
     #[test]
     fn queue_folds_repeats_and_is_bounded() {
-        let mut q = EventQueue::new(2);
+        let mut q = EventQueue::new(2, crate::metrics::int_gauge("npd_test_queued", "test"));
         assert_eq!(q.push(key("A"), "m".into(), at(1)), Pushed::Queued);
         assert_eq!(q.push(key("B"), "m".into(), at(2)), Pushed::Queued);
         assert_eq!(q.push(key("A"), "m".into(), at(3)), Pushed::Merged);
@@ -625,7 +640,8 @@ mod tests {
         // A failed post goes back first; repeats queued meanwhile are folded in.
         assert_eq!(q.push(key("A"), "m".into(), at(5)), Pushed::Queued);
         q.requeue(a);
-        assert_eq!(q.len(), 2);
+        assert_eq!(q.items.len(), 2);
+        assert_eq!(q.queued.get(), 2, "npd_k8s_events_queued follows the queue");
         let a = pop(&mut q).unwrap();
         assert_eq!(
             (a.key.reason.as_str(), a.count, a.first, a.last),
@@ -637,7 +653,7 @@ mod tests {
 
     #[test]
     fn distinct_faults_of_one_reason_are_one_event_with_the_newest_message() {
-        let mut q = EventQueue::new(8);
+        let mut q = EventQueue::new(8, crate::metrics::int_gauge("npd_test_queued", "test"));
         for n in 0..166 {
             let pushed = q.push(
                 key("IOError"),
@@ -664,7 +680,7 @@ mod tests {
     #[test]
     fn a_key_written_recently_waits_its_turn() {
         let now = Instant::now();
-        let mut q = EventQueue::new(8);
+        let mut q = EventQueue::new(8, crate::metrics::int_gauge("npd_test_queued", "test"));
         q.push(key("A"), "m".into(), at(1));
         q.push(key("B"), "m".into(), at(2));
         let later = now + Duration::from_secs(1);
