@@ -83,7 +83,13 @@ fn victim(proc: &Path, pid: i32) -> Victim {
             .and_then(|v| v.parse::<u64>().ok())
     };
     Victim {
-        comm: read("comm").map(|c| c.trim_end_matches('\n').to_string()),
+        // One read of `status` gives the name and the memory together (the victim may be gone
+        // by the next read); `comm` only when `status` could not be read.
+        comm: status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .map(|n| n.trim().to_string())
+            .or_else(|| read("comm").map(|c| c.trim_end_matches('\n').to_string())),
         uid: field("Uid").and_then(|u| u32::try_from(u).ok()),
         total_vm_kb: field("VmSize"),
         anon_rss_kb: field("RssAnon"),
