@@ -13,6 +13,12 @@
 //! * `fuzz [--seconds N] [TARGET...]`: runs the fuzz targets in `fuzz/` (cargo-fuzz and
 //!   libFuzzer on the nightly toolchain, with AddressSanitizer), each for N seconds, and prints
 //!   the executions and findings of each. The corpus grows in the cache, outside the checkout.
+//! * `build --static`: the static (musl) release agent, as shipped in the image.
+//! * `matrix [--kernel V]...`: the static build on Debian's kernels under qemu, real faults in
+//!   each guest (`docs/kernel-matrix.md`).
+
+mod matrix;
+mod static_build;
 
 use std::{
     ffi::OsString,
@@ -48,7 +54,12 @@ enum Cmd {
         print_path: bool,
     },
     /// Build the agent (release).
-    Build,
+    Build {
+        /// Statically linked (musl), as shipped in the image:
+        /// target/x86_64-unknown-linux-musl/release/npd-agent.
+        #[arg(long = "static")]
+        static_: bool,
+    },
     /// Build and run the agent as root; arguments after `--` go to the agent.
     Run {
         /// Arguments for `npd-agent`.
@@ -69,6 +80,12 @@ enum Cmd {
         seconds: u64,
         /// Targets to run (default: all).
         targets: Vec<String>,
+    },
+    /// Boot Debian's kernels under qemu and run real faults against the static agent in each.
+    Matrix {
+        /// Only this kernel (5.10, 6.1, 6.12, 7.2); repeatable. Default: all.
+        #[arg(long = "kernel", value_name = "V")]
+        kernels: Vec<String>,
     },
 }
 
@@ -94,9 +111,36 @@ fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Build => {
+        Cmd::Build { static_ } => {
             let path = setup()?;
+            if static_ {
+                let agent = static_build::build_static_agent(&path)?;
+                println!("{}", agent.display());
+                return Ok(());
+            }
             build_agent(&path, true).map(drop)
+        }
+        Cmd::Matrix { kernels } => {
+            let path = setup()?;
+            let mut bins = static_build::build_static(
+                &path,
+                &[
+                    ("npd-agent", "npd-agent"),
+                    ("npd-tests", "npd-test-hog"),
+                    ("npd-tests", "npd-matrix-guest"),
+                ],
+            )?
+            .into_iter();
+            let mut next = || bins.next().context("missing binary");
+            let bins = matrix::GuestBinaries {
+                agent: next()?,
+                hog: next()?,
+                runner: next()?,
+            };
+            for bin in [&bins.agent, &bins.hog, &bins.runner] {
+                static_build::check_static(bin)?;
+            }
+            matrix::matrix(&bins, &kernels)
         }
         Cmd::Run { args } => {
             let path = setup()?;

@@ -223,14 +223,43 @@ fn decode_detail(
 
 fn decode_console(header: &RecordHeader, text: &[u8]) -> LogMessage {
     let mut text = text;
-    // Older kernels pass the trailing newline; it is not part of the message.
-    while let Some((b'\n', rest)) = text.split_last() {
+    // Older kernels pass the trailing newline, and 5.10's tracepoint, which cuts the newline
+    // after sizing the text, leaves the terminating NUL inside it: neither is the message.
+    while let Some((b'\n' | b'\0', rest)) = text.split_last() {
         text = rest;
     }
+    let text = strip_console_timestamp(text);
     LogMessage {
         message: String::from_utf8_lossy(text).into_owned(),
         truncated_from: (header.orig_len > header.data_len).then_some(header.orig_len as usize),
         seq: None,
+    }
+}
+
+/// Kernels that fire `printk:console` only when a message reaches a console (5.10; the
+/// tracepoint moved into the log store in 5.19/6.0) pass the console line as printed, with the
+/// `printk.time` prefix: `[%5lu.%06lu] `, e.g. `[    4.642578] ` or `[123456.000001] `. Strips
+/// exactly that shape (seconds right-aligned in at least five columns, six digits of
+/// microseconds, `]`, one space) and nothing else: text that merely starts with `[` stays.
+fn strip_console_timestamp(text: &[u8]) -> &[u8] {
+    let Some(rest) = text.strip_prefix(b"[") else {
+        return text;
+    };
+    let spaces = rest.iter().take_while(|&&b| b == b' ').count();
+    let rest = &rest[spaces..];
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    // `%5lu`: padded to five columns, never padded beyond them.
+    if digits == 0 || spaces + digits != digits.max(5) {
+        return text;
+    }
+    let Some(rest) = rest[digits..].strip_prefix(b".") else {
+        return text;
+    };
+    match rest.split_at_checked(6) {
+        Some((micros, tail)) if micros.iter().all(u8::is_ascii_digit) => {
+            tail.strip_prefix(b"] ").unwrap_or(text)
+        }
+        _ => text,
     }
 }
 
@@ -300,6 +329,49 @@ mod tests {
                 seq: None
             })
         );
+    }
+
+    #[test]
+    fn console_timestamp_prefix_of_older_kernels_is_stripped() {
+        let layouts = Layouts::default();
+        let message = |text: &[u8]| match decode(
+            &record(RecordKind::Console, text, text.len() as u32),
+            &layouts,
+        )
+        .unwrap()
+        {
+            KernelEvent {
+                detail: Detail::Log(log),
+                ..
+            } => log.message,
+            other => panic!("{other:?}"),
+        };
+        // As 5.10 passes it: the console line with its `printk.time` prefix.
+        assert_eq!(message(b"[    4.642578] npd: hello\n"), "npd: hello");
+        assert_eq!(message(b"[   12.000001] x"), "x");
+        assert_eq!(message(b"[12345.123456] wide"), "wide");
+        assert_eq!(message(b"[1234567.123456] long uptime"), "long uptime");
+        assert_eq!(message(b"[    4.642578] "), "");
+        // 5.10's record exactly: prefix, text, and the NUL where its newline was.
+        assert_eq!(message(b"[   41.015625] npd: exact\0"), "npd: exact");
+        assert_eq!(message(b"no prefix\n\0"), "no prefix");
+        // Anything else is the message itself, untouched.
+        for text in [
+            "[drm] Initialized",
+            "[    4.642578]no space",
+            "[    4.64257] five digits of micros",
+            "[ 4.642578] under-padded",
+            "[      4.642578] over-padded",
+            "[ 12345.123456] padded beyond five columns",
+            "[    4,642578] comma",
+            "[    a.642578] letter",
+            "[.642578] no seconds",
+            " [    4.642578] leading space",
+            "[    4.642578",
+            "",
+        ] {
+            assert_eq!(message(text.as_bytes()), text, "{text:?}");
+        }
     }
 
     #[test]

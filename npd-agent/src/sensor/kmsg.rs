@@ -108,7 +108,7 @@ impl SequenceTracker {
 }
 
 /// Reads `/dev/kmsg` (or records from a file or pipe) and sends each new record as a
-/// [`KernelEvent::Log`].
+/// kernel log message ([`crate::event::Detail::Log`]).
 pub struct KmsgReader {
     input: Input,
     seq: SequenceTracker,
