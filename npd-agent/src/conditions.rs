@@ -140,6 +140,34 @@ impl ConditionManager {
         Some(s.change())
     }
 
+    /// A condition's declared default (False) reason and message.
+    pub fn default_of(&self, type_: &str) -> Option<(&str, &str)> {
+        let s = &self.conditions[*self.by_type.get(type_)?];
+        Some((&s.default_reason, &s.default_message))
+    }
+
+    /// Sets a condition's state as it is (a plugin's result decided it): the change, or
+    /// `None` when npd does not own the type. No recovery is pending after it.
+    pub fn set(
+        &mut self,
+        type_: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: &str,
+        wall: SystemTime,
+    ) -> Option<ConditionChange> {
+        let s = &mut self.conditions[*self.by_type.get(type_)?];
+        s.recover = None;
+        s.current = Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            transition_time: wall,
+        };
+        Some(s.change())
+    }
+
     /// The earliest pending recovery.
     pub fn next_deadline(&self) -> Option<Mono> {
         self.conditions.iter().filter_map(State::recover_at).min()
@@ -173,7 +201,6 @@ impl ConditionManager {
     }
 
     /// The current state of one condition.
-    #[cfg(test)]
     pub fn get(&self, type_: &str) -> Option<&Condition> {
         self.by_type
             .get(type_)

@@ -21,6 +21,8 @@ type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// Decides whether npd is healthy.
 pub struct Health {
     sensor: SensorView,
+    /// Standing facts said in every answer (monitors npd does not run).
+    notes: RwLock<Vec<String>>,
     exporter: RwLock<Option<Check>>,
     loss_window: Duration,
     losses: Mutex<LossTracker>,
@@ -80,6 +82,7 @@ impl Health {
         let seen = sensor.lost_total();
         Self {
             sensor,
+            notes: RwLock::new(Vec::new()),
             exporter: RwLock::new(None),
             loss_window,
             losses: Mutex::new(LossTracker {
@@ -87,6 +90,14 @@ impl Health {
                 last_increase: None,
             }),
         }
+    }
+
+    /// Adds a standing fact to every answer (a monitor npd does not run).
+    pub fn note(&self, fact: String) {
+        self.notes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(fact);
     }
 
     /// Adds the exporter's check: `Err(why)` when it is stuck (e.g. a change not written for
@@ -118,6 +129,13 @@ impl Health {
             source.push_str("; kernel messages from /dev/kmsg");
         }
         facts.push(source);
+        facts.extend(
+            self.notes
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
         for (tp, why) in &snap.disabled {
             facts.push(format!("tracepoint {tp} disabled: {why}"));
         }

@@ -24,6 +24,7 @@ pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod logging;
 pub(crate) mod metrics;
+pub(crate) mod plugins;
 pub mod problem;
 pub mod rules;
 pub mod sensor;

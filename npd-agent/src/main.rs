@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => commands::run::main(cli.run),
-        Some(Command::Run(args)) => commands::run::main(args),
+        Some(Command::Run(args)) => commands::run::main(*args),
         Some(Command::CheckConfig(args)) => commands::check_config::main(args),
         Some(Command::Replay(args)) => commands::replay::main(args),
     };

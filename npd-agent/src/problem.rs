@@ -65,6 +65,16 @@ pub enum Report {
     Condition(ConditionChange),
 }
 
+impl Report {
+    /// The monitor's `source` it came from.
+    pub fn source(&self) -> &str {
+        match self {
+            Report::Event(e) => &e.source,
+            Report::Condition(c) => &c.source,
+        }
+    }
+}
+
 /// A problem event.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProblemEvent {

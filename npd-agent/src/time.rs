@@ -126,10 +126,61 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(clamp(t).0).to_string()
 }
 
+/// A duration as Go writes it, as NPD's flags take them (`5m0s`, `1h30m`, `300ms`, `1.5h`,
+/// `0`), or as humantime does (`5min`, `1h 30m`). The error names the text.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if let Some(d) = go_duration(text.trim()) {
+        return Ok(d);
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// Go's `time.ParseDuration` for non-negative durations; `None` when `text` is not one.
+fn go_duration(text: &str) -> Option<Duration> {
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = text.strip_prefix('+').unwrap_or(text);
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(number_len);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let nanos_per_unit: f64 = match unit {
+            "ns" => 1.0,
+            "us" | "µs" | "μs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
+            return None;
+        }
+        let value: f64 = number.parse().ok()?;
+        let nanos = value * nanos_per_unit;
+        if !nanos.is_finite() || nanos > u64::MAX as f64 {
+            return None;
+        }
+        total = total.checked_add(Duration::from_nanos(nanos as u64))?;
+        rest = tail;
+    }
+    Some(total)
+}
+
 /// A `Duration` of at least `min` and at most `max`, as a clap value parser for duration flags
-/// (`5m`, `1h30m`): a flag outside the range is an error at start that says the range.
+/// (`5m`, `1h30m`, `5m0s`): a flag outside the range is an error at start that says the range.
 pub fn parse_bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    let d = parse_duration(text)?;
     if d < min || d > max {
         return Err(format!(
             "{text:?} is out of range: give a duration from {} to {}",
@@ -185,6 +236,23 @@ mod tests {
             clock.wall(Mono::ZERO.saturating_add(Duration::MAX)),
             latest()
         );
+    }
+
+    #[test]
+    fn durations_as_go_and_humantime_write_them() {
+        let d = |t: &str| parse_duration(t);
+        assert_eq!(d("5m0s"), Ok(Duration::from_secs(300)));
+        assert_eq!(d("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(d("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(d("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(d("2us"), Ok(Duration::from_micros(2)));
+        assert_eq!(d("0"), Ok(Duration::ZERO));
+        assert_eq!(d("5min"), Ok(Duration::from_secs(300)));
+        assert_eq!(d("1h 30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "5", "-5m", "5x", "1..5h", "h", "."] {
+            assert!(d(bad).is_err(), "{bad:?}");
+        }
+        assert!(d("99999999999999999999h").is_err());
     }
 
     #[test]

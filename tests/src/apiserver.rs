@@ -239,6 +239,50 @@ impl ApiServer {
     /// Applies the shipped RBAC, mints a token for npd's service account (TokenRequest API,
     /// valid one hour) and writes a kubeconfig using it. Returns the kubeconfig's path.
     pub async fn service_account_kubeconfig(&self) -> PathBuf {
+        let token = self.service_account_token().await;
+        let path = self.dir.join("npd-service-account.kubeconfig");
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    \
+             server: \"{}\"\n    certificate-authority: \"{}\"\nusers:\n- name: npd\n  user:\n    \
+             token: \"{token}\"\ncontexts:\n- name: npd\n  context:\n    cluster: test\n    \
+             user: npd\ncurrent-context: npd\n",
+            self.url,
+            self.ca_file.display()
+        );
+        std::fs::write(&path, kubeconfig).expect("writing the service account kubeconfig");
+        path
+    }
+
+    /// What a pod of npd's service account finds in
+    /// `/var/run/secrets/kubernetes.io/serviceaccount` (`token`, `ca.crt`, `namespace`), in a
+    /// directory to mount there, and the environment kubelet gives it
+    /// (`KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`): in-cluster configuration for a
+    /// container that runs on this host's network.
+    pub async fn in_cluster(&self) -> (PathBuf, Vec<(String, String)>) {
+        let token = self.service_account_token().await;
+        let dir = self.dir.join("serviceaccount");
+        std::fs::create_dir_all(&dir).expect("creating the service account directory");
+        std::fs::write(dir.join("token"), token).expect("writing the token");
+        std::fs::copy(&self.ca_file, dir.join("ca.crt")).expect("copying the CA");
+        std::fs::write(dir.join("namespace"), SERVICE_ACCOUNT.0).expect("writing the namespace");
+        let authority = self
+            .url
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned();
+        let (host, port) = authority
+            .rsplit_once(':')
+            .expect("the API server URL has a port");
+        let env = vec![
+            ("KUBERNETES_SERVICE_HOST".to_owned(), host.to_owned()),
+            ("KUBERNETES_SERVICE_PORT".to_owned(), port.to_owned()),
+        ];
+        (dir, env)
+    }
+
+    /// Applies the shipped RBAC and mints a token for npd's service account (TokenRequest
+    /// API, valid one hour).
+    async fn service_account_token(&self) -> String {
         self.apply_rbac();
         let client = self.admin_client().await;
         let (namespace, name) = SERVICE_ACCOUNT;
@@ -254,21 +298,10 @@ impl ApiServer {
             .create_subresource("token", name, &PostParams::default(), &request)
             .await
             .expect("TokenRequest for npd's service account");
-        let token = minted
+        minted
             .status
             .and_then(|s| s.token)
-            .expect("a token in the TokenRequest status");
-        let path = self.dir.join("npd-service-account.kubeconfig");
-        let kubeconfig = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    \
-             server: \"{}\"\n    certificate-authority: \"{}\"\nusers:\n- name: npd\n  user:\n    \
-             token: \"{token}\"\ncontexts:\n- name: npd\n  context:\n    cluster: test\n    \
-             user: npd\ncurrent-context: npd\n",
-            self.url,
-            self.ca_file.display()
-        );
-        std::fs::write(&path, kubeconfig).expect("writing the service account kubeconfig");
-        path
+            .expect("a token in the TokenRequest status")
     }
 }
 

@@ -142,8 +142,21 @@ impl Mount {
 }
 
 impl Drop for Mount {
+    /// Unmounts; a process still finishing a write there (a thawed writer) gets up to 5 s,
+    /// then the mount is detached lazily.
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

@@ -11,6 +11,8 @@ pub mod apiserver;
 pub mod faults;
 pub mod http;
 pub mod kernel;
+pub mod node;
+pub mod podman;
 pub mod procstat;
 pub mod prometheus;
 

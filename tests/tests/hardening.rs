@@ -453,3 +453,39 @@ fn test_agents_never_reach_a_real_cluster() {
         stopped.stderr
     );
 }
+
+/// Logs are for `kubectl logs`: on a stderr that is not a terminal, no colour codes (and none
+/// needs NO_COLOR to be set).
+#[test]
+fn logs_off_a_terminal_have_no_colour_codes() {
+    let _serial = serial();
+    let dir = TempDir::new("npd-kmsg-colour");
+    let file = dir.join("kmsg");
+    std::fs::write(&file, format!("2,1,1000,-;{KERNEL_OOPS}\n")).unwrap();
+    let out = Command::new(agent_binary())
+        .args([
+            "run",
+            "--source",
+            "kmsg",
+            "--kmsg-path",
+            &file.to_string_lossy(),
+            "--port",
+            "0",
+            "--prometheus-port",
+            "0",
+            "--enable-k8s-exporter=false",
+        ])
+        .env_remove("NO_COLOR")
+        .env_remove("KUBECONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running npd-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("npd-agent started"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "an escape sequence in logs written to a pipe:\n{stderr:?}"
+    );
+}

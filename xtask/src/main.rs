@@ -14,9 +14,13 @@
 //!   libFuzzer on the nightly toolchain, with AddressSanitizer), each for N seconds, and prints
 //!   the executions and findings of each. The corpus grows in the cache, outside the checkout.
 //! * `build --static`: the static (musl) release agent, as shipped in the image.
+//! * `image [--rootfs DIR]`: the OCI image (podman, no Docker daemon, nothing pulled), written
+//!   to `target/npd-image.oci.tar` and kept in local podman storage as `localhost/npd:VERSION`.
 //! * `matrix [--kernel V]...`: the static build on Debian's kernels under qemu, real faults in
 //!   each guest (`docs/kernel-matrix.md`).
 
+mod debian;
+mod image;
 mod matrix;
 mod static_build;
 
@@ -36,7 +40,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// The fuzz targets in `fuzz/fuzz_targets`.
-const FUZZ_TARGETS: [&str; 4] = ["replay", "rule_file", "tracepoint_record", "kmsg_record"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "replay",
+    "rule_file",
+    "plugin_config",
+    "tracepoint_record",
+    "kmsg_record",
+];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "npd developer commands")]
@@ -80,6 +90,12 @@ enum Cmd {
         seconds: u64,
         /// Targets to run (default: all).
         targets: Vec<String>,
+    },
+    /// Build the OCI image (podman; no Docker daemon, nothing pulled from a registry).
+    Image {
+        /// Only assemble the image's root file system in this directory.
+        #[arg(long, value_name = "DIR")]
+        rootfs: Option<PathBuf>,
     },
     /// Boot Debian's kernels under qemu and run real faults against the static agent in each.
     Matrix {
@@ -160,6 +176,10 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Bench => {
             let path = setup()?;
             bench(&path)
+        }
+        Cmd::Image { rootfs } => {
+            let path = setup()?;
+            image::image(&path, &root, rootfs)
         }
         Cmd::Fuzz { seconds, targets } => {
             let path = setup()?;
@@ -441,6 +461,8 @@ impl Totals {
 
 fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
     let agent = build_agent(path, false)?;
+    // The image the container tests run: the one this command just built.
+    image::image(path, &workspace_root(), None)?;
     let skip_log = std::env::temp_dir().join(format!("npd-skipped-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&skip_log);
     let mut cmd = cargo(path);
@@ -448,6 +470,7 @@ fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
     // Every test binary runs, even after a failure, so that the totals are complete.
     cmd.args(["test", "--no-fail-fast"]).args(locked());
     cmd.env("NPD_AGENT_BIN", &agent);
+    cmd.env("NPD_IMAGE", image::image_name());
     cmd.env("NPD_SKIP_LOG", &skip_log);
     if !is_root() {
         if which("sudo").is_none() {

@@ -1,6 +1,7 @@
 //! `npd-agent check-config FILE...`: validates rule files together (as `--config` would load
 //! them). Exit 0 when valid; otherwise exit 2 and one line per problem on stderr:
-//! `FILE: JSON_PATH: REASON`.
+//! `FILE: JSON_PATH: REASON`. A monitor of a plugin npd does not run (which the agent names
+//! and skips) is a problem here.
 
 use std::process::ExitCode;
 
@@ -9,6 +10,12 @@ use crate::{cli::CheckConfigArgs, rules::RuleSet};
 /// Validates the rule files.
 pub fn main(args: CheckConfigArgs) -> anyhow::Result<ExitCode> {
     match RuleSet::load(&args.files) {
+        Ok(set) if !set.unsupported.is_empty() => {
+            for problem in set.unsupported_problems() {
+                eprintln!("{problem}");
+            }
+            Ok(ExitCode::from(2))
+        }
         Ok(set) => {
             println!(
                 "{} file(s) valid: {} rule(s), {} condition(s)",

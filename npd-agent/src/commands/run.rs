@@ -20,7 +20,7 @@ use tokio::{
 
 use crate::{
     cli::RunArgs,
-    engine::Engine,
+    engine::{Engine, PluginResult},
     enrich::Enricher,
     exporter::{
         Exporters,
@@ -34,8 +34,9 @@ use crate::{
     http::{self, DebugControls, HealthRoutes, MetricsRoutes, Servers},
     logging,
     metrics::Metrics,
+    plugins::{PluginMetrics, PluginRunner},
     problem::{Condition, Report},
-    rules::{ConfigError, RuleSet},
+    rules::{ConfigError, PluginMonitor, RuleSet, UnsupportedMonitor},
     sensor::{Batch, Sensor, SensorConfig},
     time::{Mono, WallClock},
 };
@@ -46,9 +47,16 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    logging::init(args.log_format, args.log_level.as_deref())?;
+    // `--log-level`, else `RUST_LOG`, else glog's `--v`, else `info`.
+    let level = args.log_level.as_deref().or_else(|| {
+        std::env::var_os("RUST_LOG")
+            .is_none()
+            .then(|| args.npd.log_filter())
+            .flatten()
+    });
+    logging::init(args.log_format, level)?;
     // Bad rules fail fast, before anything touches the kernel or the cluster.
-    let rules = match load_rules(&args.config) {
+    let mut rules = match load_rules(&args) {
         Ok(rules) => rules,
         Err(e) => {
             eprintln!("npd-agent: invalid rules:\n{e}");
@@ -60,16 +68,64 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(args, Engine::new(rules)))
+    let unsupported = std::mem::take(&mut rules.unsupported);
+    let plugins = rules.plugins.clone();
+    runtime.block_on(run(args, Engine::new(rules), plugins, unsupported))
 }
 
-/// Loads `--config` files, or the embedded defaults when none is given.
-fn load_rules(config: &[PathBuf]) -> Result<RuleSet, ConfigError> {
-    let rules = RuleSet::load_or_defaults(config)?;
+/// Loads the monitor files given (`--config` and NPD's `--config.*-monitor` flags), or the
+/// embedded defaults when none is given. Monitors npd does not run are named, once each.
+fn load_rules(args: &RunArgs) -> Result<RuleSet, ConfigError> {
+    let npd = &args.npd;
+    // A file says what it is (its `plugin`): any flag takes any monitor file.
+    let files: Vec<PathBuf> = [
+        &args.config,
+        &npd.system_log_monitor,
+        &npd.system_log_monitors,
+        &npd.custom_plugin_monitor,
+        &npd.custom_plugin_monitors,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect();
+    let not_run: Vec<(PathBuf, &str)> = npd
+        .system_stats_monitor
+        .iter()
+        .map(|f| (f.clone(), "system-stats-monitor"))
+        .collect();
+    let mut rules = if files.is_empty() && not_run.is_empty() {
+        RuleSet::defaults()
+    } else {
+        RuleSet::load(&files)?
+    };
+    rules.unsupported.extend(
+        not_run
+            .into_iter()
+            .map(|(file, plugin)| UnsupportedMonitor {
+                file: file.display().to_string(),
+                plugin: plugin.to_owned(),
+            }),
+    );
+    for u in &rules.unsupported {
+        tracing::warn!(
+            file = %u.file,
+            plugin = %u.plugin,
+            "monitor not run: npd does not implement NPD's {} monitors; everything else runs",
+            u.plugin
+        );
+    }
+    if let Some(config) = &npd.stackdriver {
+        tracing::warn!(
+            config = %config,
+            "--exporter.stackdriver: npd has no Stackdriver exporter; ignored"
+        );
+    }
     tracing::info!(
         files = rules.files.len(),
+        plugin_monitors = rules.plugins.len(),
         rules = rules.rule_count(),
-        defaults = config.is_empty(),
+        defaults = files.is_empty(),
         "rules loaded"
     );
     Ok(rules)
@@ -95,7 +151,14 @@ async fn kubernetes_config(args: &RunArgs) -> Result<Option<K8sConfig>, K8sConfi
         return Ok(None);
     }
     let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let client = if let Some(path) = &args.kubeconfig {
+    let apiserver_override = args
+        .npd
+        .apiserver_override
+        .as_deref()
+        .filter(|uri| !uri.is_empty());
+    let client = if let Some(uri) = apiserver_override {
+        k8s::ApiServerOverride::parse(uri)?.client().await?
+    } else if let Some(path) = &args.kubeconfig {
         k8s::kubeconfig_file(path).await?
     } else if env("KUBECONFIG").is_some() {
         kube::Config::from_kubeconfig(&KubeConfigOptions::default())
@@ -110,6 +173,10 @@ async fn kubernetes_config(args: &RunArgs) -> Result<Option<K8sConfig>, K8sConfi
     let node = k8s::node_name([args.hostname_override.as_deref(), node_env.as_deref()])?;
     let mut config = K8sConfig::new(node, client);
     config.heartbeat_period = args.k8s_exporter_heartbeat_period;
+    config.event_namespace = args.event_namespace.clone();
+    config.retry_max = args.npd.apiserver_wait_interval.max(config.retry_min);
+    config.update_conditions = args.npd.k8s_exporter_update_node_conditions;
+    config.write_events = args.npd.k8s_exporter_write_events;
     Ok(Some(config))
 }
 
@@ -165,6 +232,15 @@ impl Pipeline {
         self.exporters.flush();
     }
 
+    /// A custom plugin's result.
+    fn plugin_result(&mut self, result: &PluginResult) {
+        self.engine.set_clock(WallClock::system());
+        for report in self.engine.plugin_result(result) {
+            self.exporters.export(&report);
+        }
+        self.exporters.flush();
+    }
+
     /// A report from outside the engine (`--debug-endpoints`).
     fn inject(&mut self, report: &Report) {
         self.exporters.export(report);
@@ -189,16 +265,24 @@ impl Pipeline {
     }
 }
 
-async fn run(args: RunArgs, engine: Engine) -> anyhow::Result<ExitCode> {
+async fn run(
+    args: RunArgs,
+    engine: Engine,
+    plugins: Vec<PluginMonitor>,
+    unsupported: Vec<UnsupportedMonitor>,
+) -> anyhow::Result<ExitCode> {
     let metrics = Metrics::new().context("creating the metrics registry")?;
     let registry = metrics.registry();
     engine.metrics().register(registry)?;
+    UnsupportedMonitor::register_metric(&unsupported, registry)?;
+    let plugin_metrics = PluginMetrics::new(registry)?;
     // Every condition the rules own, in its default state. The exporters start before the
     // sensor: problems found while the API server is unreachable are kept, not lost.
     let mut engine = engine;
     let initial = engine.initial_conditions(SystemTime::now());
     let mut exporters = Exporters::default();
-    let problems = ProblemMetrics::new(registry)?;
+    let mut problems = ProblemMetrics::new(registry)?;
+    problems.leave_out(engine.sources_without_metrics());
     problems.init_reasons(engine.reasons());
     exporters.push(problems);
     let board = ConditionBoard::new(&initial);
@@ -232,6 +316,13 @@ async fn run(args: RunArgs, engine: Engine) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    // Plugins see the node's name: the exporter's, else the one given to the agent.
+    let node_name = kubernetes
+        .as_ref()
+        .map(|c| c.node_name.clone())
+        .or_else(|| args.hostname_override.clone())
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .filter(|n| !n.is_empty());
     let mut kubernetes = match kubernetes {
         Some(config) => {
             let mut handle =
@@ -246,6 +337,9 @@ async fn run(args: RunArgs, engine: Engine) -> anyhow::Result<ExitCode> {
     let mut sensor = Sensor::start(&sensor_config(&args))?;
     sensor.view.register(registry)?;
     let health = Arc::new(Health::new(sensor.view.clone(), args.health_loss_window));
+    for u in &unsupported {
+        health.note(u.note());
+    }
     let mut adoptions = None;
     if let Some((handle, adopted)) = kubernetes.take() {
         let read = handle.stats_reader();
@@ -298,6 +392,10 @@ async fn run(args: RunArgs, engine: Engine) -> anyhow::Result<ExitCode> {
         );
     }
 
+    // Custom plugin monitors: a scheduler each (none, and no timer, without any).
+    let (plugin_tx, mut plugin_results) = mpsc::channel::<PluginResult>(256);
+    let plugin_runner = PluginRunner::start(&plugins, plugin_tx, plugin_metrics, node_name);
+
     let mut pipeline = Pipeline {
         engine,
         exporters,
@@ -322,6 +420,7 @@ async fn run(args: RunArgs, engine: Engine) -> anyhow::Result<ExitCode> {
             }
             () = sleep_until(pipeline.engine.next_deadline()) => pipeline.on_deadline(),
             Some(report) = injected.recv() => pipeline.inject(&report),
+            Some(result) = plugin_results.recv() => pipeline.plugin_result(&result),
             Some(found) = next_adoption(&mut adoptions) => pipeline.adopt(&found),
             () = closed(stdout.as_ref()) => break Stop::StdoutClosed,
         }
@@ -337,8 +436,12 @@ async fn run(args: RunArgs, engine: Engine) -> anyhow::Result<ExitCode> {
         Stop::StdoutClosed => tracing::info!("stdout is closed: stopping"),
     }
     sensor.stop(STOP_TIMEOUT).await;
+    plugin_runner.stop(STOP_TIMEOUT).await;
     while let Ok(batch) = sensor.events.try_recv() {
         pipeline.handle(batch).await;
+    }
+    while let Ok(result) = plugin_results.try_recv() {
+        pipeline.plugin_result(&result);
     }
     while let Ok(report) = injected.try_recv() {
         pipeline.inject(&report);

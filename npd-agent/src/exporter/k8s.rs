@@ -105,6 +105,10 @@ pub struct K8sConfig {
     pub request_timeout: Duration,
     /// How long [`K8sHandle::shutdown`] may spend writing what is still pending.
     pub shutdown_timeout: Duration,
+    /// Whether Node conditions are written (NPD's `--k8s-exporter-update-node-conditions`).
+    pub update_conditions: bool,
+    /// Whether Events are posted (NPD's `--k8s-exporter-write-events`).
+    pub write_events: bool,
 }
 
 /// What `--heartbeat-period` defaults to, as in NPD.
@@ -127,6 +131,8 @@ impl K8sConfig {
             event_forbidden_retry_for: Duration::from_secs(2 * 60),
             request_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),
+            update_conditions: true,
+            write_events: true,
         }
     }
 
@@ -178,9 +184,114 @@ pub fn node_name<'a>(
     Ok(host)
 }
 
+/// NPD's `--apiserver-override`:
+/// `SCHEME://HOST[:PORT]?inClusterConfig=BOOL&auth=KUBECONFIG&insecure=BOOL`, as NPD reads it
+/// (heapster's URI form): the in-cluster service account unless `inClusterConfig=false`, the
+/// kubeconfig file `auth` otherwise; a server named in the URI replaces the one they give;
+/// `insecure=true` skips TLS verification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiServerOverride {
+    /// `SCHEME://HOST[:PORT]`, when the URI names a server.
+    pub server: Option<String>,
+    /// Whether the in-cluster service account gives the credentials (NPD's default).
+    pub in_cluster: bool,
+    /// The kubeconfig file (`auth=`), when not in cluster.
+    pub auth: Option<PathBuf>,
+    /// Skip TLS verification.
+    pub insecure: bool,
+}
+
+impl ApiServerOverride {
+    /// Parses the URI; the error names the part that is wrong.
+    pub fn parse(uri: &str) -> Result<Self, K8sConfigError> {
+        let bad = |why: String| K8sConfigError::ApiServerOverride {
+            uri: uri.to_owned(),
+            why,
+        };
+        let (base, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let server = if base.is_empty() {
+            None
+        } else {
+            let parsed: hyper::Uri = base.parse().map_err(|e| bad(format!("not a URI: {e}")))?;
+            match (parsed.scheme_str(), parsed.authority()) {
+                (Some(scheme @ ("http" | "https")), Some(authority)) => {
+                    Some(format!("{scheme}://{authority}"))
+                }
+                _ => return Err(bad("the server must be http(s)://HOST[:PORT]".into())),
+            }
+        };
+        let mut over = ApiServerOverride {
+            server,
+            in_cluster: true,
+            auth: None,
+            insecure: false,
+        };
+        let flag = |key: &str, value: &str| match value {
+            "true" | "1" | "t" | "T" | "TRUE" | "True" => Ok(true),
+            "false" | "0" | "f" | "F" | "FALSE" | "False" => Ok(false),
+            other => Err(bad(format!("{key}={other:?} is not a boolean"))),
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "inClusterConfig" => over.in_cluster = flag(key, value)?,
+                "insecure" => over.insecure = flag(key, value)?,
+                "auth" if !value.is_empty() => over.auth = Some(PathBuf::from(value)),
+                // Heapster's other options (apiVersion, useServiceAccount...) change nothing
+                // for npd.
+                _ => {}
+            }
+        }
+        if !over.in_cluster && over.auth.is_none() && over.server.is_none() {
+            return Err(bad(
+                "with inClusterConfig=false, give the server or auth=KUBECONFIG".into(),
+            ));
+        }
+        Ok(over)
+    }
+
+    /// The cluster access it describes.
+    pub async fn client(&self) -> Result<kube::Config, K8sConfigError> {
+        let mut config =
+            if self.in_cluster {
+                kube::Config::incluster().map_err(K8sConfigError::InCluster)?
+            } else if let Some(auth) = &self.auth {
+                kubeconfig_file(auth).await?
+            } else {
+                let server = self.server.as_deref().unwrap_or_default();
+                kube::Config::new(server.parse().map_err(|e| {
+                    K8sConfigError::ApiServerOverride {
+                        uri: server.to_owned(),
+                        why: format!("not a URI: {e}"),
+                    }
+                })?)
+            };
+        if let Some(server) = &self.server {
+            config.cluster_url = server
+                .parse()
+                .map_err(|e| K8sConfigError::ApiServerOverride {
+                    uri: server.clone(),
+                    why: format!("not a URI: {e}"),
+                })?;
+        }
+        if self.insecure {
+            config.accept_invalid_certs = true;
+        }
+        Ok(config)
+    }
+}
+
 /// Why the Kubernetes exporter could not be configured.
 #[derive(Debug, thiserror::Error)]
 pub enum K8sConfigError {
+    /// `--apiserver-override` is not NPD's URI form.
+    #[error("--apiserver-override {uri:?}: {why}")]
+    ApiServerOverride {
+        /// The URI given.
+        uri: String,
+        /// What is wrong.
+        why: String,
+    },
     /// `--kubeconfig` could not be loaded.
     #[error("loading kubeconfig {path}: {source}")]
     Kubeconfig {
@@ -247,25 +358,30 @@ impl K8sExporter {
             Caller::new(&config, &shared, shutdown_rx),
             Api::namespaced_with(client, &config.event_namespace, &resource::<Event>()),
         );
-        let running = |shared: &Arc<Shared>| RunningFlag(Arc::clone(shared));
-        let (node_flag, events_flag) = (running(&shared), running(&shared));
-        let tasks = vec![
-            tokio::spawn(async move {
-                // Cleared however the task ends (return, panic or abort), for `/healthz`.
-                let _running = node_flag;
+        let mut tasks = Vec::new();
+        if config.update_conditions {
+            // Cleared however the task ends (return, panic or abort), for `/healthz`.
+            let running = RunningFlag(Arc::clone(&shared));
+            tasks.push(tokio::spawn(async move {
+                let _running = running;
                 node.run().await;
-            }),
-            tokio::spawn(async move {
-                let _running = events_flag;
+            }));
+        }
+        if config.write_events {
+            let running = RunningFlag(Arc::clone(&shared));
+            tasks.push(tokio::spawn(async move {
+                let _running = running;
                 events.run().await;
-            }),
-        ];
+            }));
+        }
         Ok(K8sHandle {
             shared,
             shutdown: shutdown_tx,
             tasks,
             adoptions: Some(adopted_rx),
             shutdown_timeout: config.shutdown_timeout,
+            update_conditions: config.update_conditions,
+            write_events: config.write_events,
         })
     }
 }
@@ -278,6 +394,8 @@ pub struct K8sHandle {
     tasks: Vec<JoinHandle<()>>,
     adoptions: Option<mpsc::UnboundedReceiver<Vec<Condition>>>,
     shutdown_timeout: Duration,
+    update_conditions: bool,
+    write_events: bool,
 }
 
 impl K8sHandle {
@@ -303,13 +421,19 @@ impl K8sHandle {
                 (None, key, e.message.clone(), e.timestamp)
             }
         };
+        let condition = condition.filter(|_| self.update_conditions);
         let pushed = {
             let mut pending = self.shared.lock();
             if let Some(c) = condition {
                 pending.conditions.insert(c.type_.clone(), c.clone());
             }
-            pending.events.push(key, message, at)
+            self.write_events
+                .then(|| pending.events.push(key, message, at))
         };
+        if condition.is_some() {
+            self.shared.conditions_changed.notify_one();
+        }
+        let Some(pushed) = pushed else { return };
         let c = &self.shared.counters;
         c.events_received.inc();
         if pushed == Pushed::Dropped {
@@ -321,9 +445,6 @@ impl K8sHandle {
                     "Kubernetes Event queue full: Events dropped (counted)"
                 );
             }
-        }
-        if condition.is_some() {
-            self.shared.conditions_changed.notify_one();
         }
         self.shared.events_queued.notify_one();
     }
@@ -701,6 +822,44 @@ fn round_secs(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apiserver_override_as_npd_reads_it() {
+        let p = |uri: &str| ApiServerOverride::parse(uri).map_err(|e| e.to_string());
+        assert_eq!(
+            p("https://10.0.0.1:6443?inClusterConfig=false&auth=/var/lib/kubelet/kubeconfig"),
+            Ok(ApiServerOverride {
+                server: Some("https://10.0.0.1:6443".into()),
+                in_cluster: false,
+                auth: Some("/var/lib/kubelet/kubeconfig".into()),
+                insecure: false,
+            })
+        );
+        assert_eq!(
+            p("https://kubernetes.default"),
+            Ok(ApiServerOverride {
+                server: Some("https://kubernetes.default".into()),
+                in_cluster: true,
+                auth: None,
+                insecure: false,
+            })
+        );
+        assert!(p("?inClusterConfig=false&auth=/k").is_ok());
+        assert!(
+            p("http://h:8080?inClusterConfig=false&insecure=true")
+                .unwrap()
+                .insecure
+        );
+        for bad in [
+            "ftp://h",
+            "not a uri",
+            "https://h?inClusterConfig=maybe",
+            "?inClusterConfig=false",
+        ] {
+            let err = p(bad).unwrap_err();
+            assert!(err.starts_with("--apiserver-override"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn hostile_condition_times_are_clamped() {

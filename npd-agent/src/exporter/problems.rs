@@ -32,6 +32,8 @@ pub const PROBLEM_GAUGE_HELP: &str =
 pub struct ProblemMetrics {
     counter: IntCounterVec,
     gauge: IntGaugeVec,
+    /// Sources whose problems are left out (plugin monitors with `"metricsReporting": false`).
+    left_out: Vec<String>,
 }
 
 impl ProblemMetrics {
@@ -40,10 +42,16 @@ impl ProblemMetrics {
         let m = ProblemMetrics {
             counter: int_counter_vec("problem_counter", PROBLEM_COUNTER_HELP, &["reason"]),
             gauge: int_gauge_vec("problem_gauge", PROBLEM_GAUGE_HELP, &["type", "reason"]),
+            left_out: Vec::new(),
         };
         register(registry, &m.counter)?;
         register(registry, &m.gauge)?;
         Ok(m)
+    }
+
+    /// Leaves out the problems of these sources (NPD's `"metricsReporting": false`).
+    pub fn leave_out(&mut self, sources: Vec<String>) {
+        self.left_out = sources;
     }
 
     /// Initialises every rule's reason to 0, as NPD does at start: `problem_counter{reason}` for
@@ -95,6 +103,9 @@ impl Exporter for ProblemMetrics {
     /// `problem_counter{reason}` +1 for every event and condition change; a condition change
     /// also moves the gauge.
     fn export(&mut self, report: &Report) {
+        if !self.left_out.is_empty() && self.left_out.iter().any(|s| *s == report.source()) {
+            return;
+        }
         match report {
             Report::Event(event) => self
                 .counter

@@ -6,20 +6,37 @@
 pub(crate) mod defaults;
 pub(crate) mod npd_file;
 pub mod pattern;
+pub mod plugin_file;
 pub mod structured;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 pub use pattern::LogPattern;
+pub use plugin_file::{PluginMonitor, PluginRule};
 pub use structured::{DedupWindow, FieldFilter, Template};
 
 use crate::event::EventKind;
 
 /// A loaded, validated set of rule files.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RuleSet {
     /// The files, in load order.
     pub files: Vec<MonitorFile>,
+    /// NPD custom plugin monitors, in load order.
+    pub plugins: Vec<PluginMonitor>,
+    /// Monitor files given whose plugin npd does not run: named, not run.
+    pub unsupported: Vec<UnsupportedMonitor>,
+}
+
+/// A monitor file npd does not run (NPD's `journald` or `filelog` log monitors, its
+/// system-stats monitor...): the agent names it (log, `/healthz`, `npd_monitor_unsupported`)
+/// and runs everything else; `check-config` refuses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsupportedMonitor {
+    /// The file.
+    pub file: String,
+    /// Its plugin, or the kind of monitor.
+    pub plugin: String,
 }
 
 /// One rule file (NPD: one system-log-monitor).
@@ -141,11 +158,14 @@ pub enum ConfigReason {
     /// A plugin npd does not implement.
     #[error(
         "plugin {0:?} is not supported by npd: npd reads the kernel log itself (plugin \"kmsg\"); \
-         keep running NPD for {0} monitors"
+         keep running NPD for {0} monitors (the agent names this file and runs the others)"
     )]
     UnsupportedPlugin(String),
     /// A plugin name nobody knows.
-    #[error("unknown plugin {0:?} (npd accepts \"kmsg\", the plugin of NPD's kernel monitors)")]
+    #[error(
+        "unknown plugin {0:?} (npd runs \"kmsg\", NPD's kernel monitor, and \"custom\", its \
+         custom plugin monitor)"
+    )]
     UnknownPlugin(String),
     /// A bad regular expression.
     #[error("{0}")]
@@ -210,21 +230,32 @@ impl RuleSet {
     ) -> Result<RuleSet, ConfigError> {
         let mut problems = Vec::new();
         let mut files = Vec::new();
+        let mut plugins = Vec::new();
+        let mut unsupported = Vec::new();
         for (name, bytes) in sources {
             match npd_file::parse(name, bytes) {
-                Ok(file) => files.push(file),
+                Ok(npd_file::Parsed::Rules(file)) => files.push(file),
+                Ok(npd_file::Parsed::Plugin(monitor)) => plugins.push(monitor),
+                Ok(npd_file::Parsed::Unsupported(plugin)) => unsupported.push(UnsupportedMonitor {
+                    file: name.to_owned(),
+                    plugin,
+                }),
                 Err(mut p) => problems.append(&mut p),
             }
         }
         // Condition types are node-wide: each is declared once, and a permanent rule may use
         // one declared in any loaded file.
         let mut declared: HashMap<&str, String> = HashMap::new();
-        for file in &files {
-            for (i, c) in file.conditions.iter().enumerate() {
-                let here = format!("{}: $.conditions[{i}]", file.name);
+        let all_conditions = files
+            .iter()
+            .map(|f| (&f.name, &f.conditions))
+            .chain(plugins.iter().map(|m| (&m.name, &m.conditions)));
+        for (name, conditions) in all_conditions {
+            for (i, c) in conditions.iter().enumerate() {
+                let here = format!("{name}: $.conditions[{i}]");
                 if let Some(first) = declared.get(c.type_.as_str()) {
                     problems.push(ConfigProblem {
-                        file: file.name.clone(),
+                        file: name.clone(),
                         path: format!("$.conditions[{i}].type"),
                         reason: ConfigReason::DuplicateCondition {
                             type_: c.type_.clone(),
@@ -250,10 +281,26 @@ impl RuleSet {
             }
         }
         if problems.is_empty() {
-            Ok(RuleSet { files })
+            Ok(RuleSet {
+                files,
+                plugins,
+                unsupported,
+            })
         } else {
             Err(ConfigError { problems })
         }
+    }
+
+    /// The monitors npd does not run, as problems (`check-config` exits 2 for them).
+    pub fn unsupported_problems(&self) -> Vec<ConfigProblem> {
+        self.unsupported
+            .iter()
+            .map(|u| ConfigProblem {
+                file: u.file.clone(),
+                path: "$.plugin".into(),
+                reason: ConfigReason::UnsupportedPlugin(u.plugin.clone()),
+            })
+            .collect()
     }
 
     /// The embedded defaults: NPD's `kernel-monitor.json` and `readonly-monitor.json`, npd's
@@ -275,8 +322,35 @@ impl RuleSet {
         }
     }
 
-    /// Number of rules in all files.
+    /// Number of rules in all files (plugin rules included).
     pub fn rule_count(&self) -> usize {
-        self.files.iter().map(|f| f.rules.len()).sum()
+        self.files.iter().map(|f| f.rules.len()).sum::<usize>()
+            + self.plugins.iter().map(|m| m.rules.len()).sum::<usize>()
+    }
+}
+
+impl UnsupportedMonitor {
+    /// `npd_monitor_unsupported{file,plugin}`: 1 for each monitor npd does not run.
+    pub fn register_metric(
+        all: &[UnsupportedMonitor],
+        registry: &prometheus::Registry,
+    ) -> prometheus::Result<()> {
+        let gauge = crate::metrics::int_gauge_vec(
+            "npd_monitor_unsupported",
+            "Monitor files given whose plugin npd does not run (named, not run): 1 each.",
+            &["file", "plugin"],
+        );
+        for u in all {
+            gauge.with_label_values(&[&u.file, &u.plugin]).set(1);
+        }
+        crate::metrics::register(registry, &gauge)
+    }
+
+    /// What `/healthz` says of it.
+    pub fn note(&self) -> String {
+        format!(
+            "monitor {} not run: npd does not implement NPD's {} monitors",
+            self.file, self.plugin
+        )
     }
 }

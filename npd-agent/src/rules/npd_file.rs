@@ -77,16 +77,16 @@ struct RawFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawCondition {
+pub(super) struct RawCondition {
     #[serde(rename = "type")]
-    type_: String,
-    reason: String,
-    message: String,
+    pub(super) type_: String,
+    pub(super) reason: String,
+    pub(super) message: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum RawRuleType {
+pub(super) enum RawRuleType {
     Temporary,
     Permanent,
 }
@@ -125,13 +125,14 @@ struct RawRate {
     window: String,
 }
 
-struct Problems<'a> {
-    file: &'a str,
-    list: Vec<ConfigProblem>,
+/// The problems found in one file.
+pub(super) struct Problems<'a> {
+    pub(super) file: &'a str,
+    pub(super) list: Vec<ConfigProblem>,
 }
 
 impl Problems<'_> {
-    fn add(&mut self, path: impl Into<String>, reason: ConfigReason) {
+    pub(super) fn add(&mut self, path: impl Into<String>, reason: ConfigReason) {
         self.list.push(ConfigProblem {
             file: self.file.to_owned(),
             path: path.into(),
@@ -140,8 +141,22 @@ impl Problems<'_> {
     }
 }
 
-/// Parses and validates one file. All problems found are returned.
-pub fn parse(name: &str, bytes: &[u8]) -> Result<MonitorFile, Vec<ConfigProblem>> {
+/// What a monitor file is, read from its `plugin`.
+#[derive(Debug)]
+pub enum Parsed {
+    /// A system log monitor npd runs (plugin `kmsg`, or none): its rules.
+    Rules(MonitorFile),
+    /// A custom plugin monitor (plugin `custom`).
+    Plugin(super::plugin_file::PluginMonitor),
+    /// A monitor of a plugin npd does not run (`journald`, `filelog`): named, not run.
+    Unsupported(String),
+}
+
+/// NPD's monitor plugins npd knows of and does not run.
+pub const UNSUPPORTED_PLUGINS: [&str; 2] = ["journald", "filelog"];
+
+/// Parses one monitor file; every problem is reported with its JSON path.
+pub fn parse(name: &str, bytes: &[u8]) -> Result<Parsed, Vec<ConfigProblem>> {
     let mut p = Problems {
         file: name,
         list: Vec::new(),
@@ -167,6 +182,20 @@ pub fn parse(name: &str, bytes: &[u8]) -> Result<MonitorFile, Vec<ConfigProblem>
         );
         return Err(p.list);
     }
+    // A monitor of another plugin is named, not read: its fields are that plugin's.
+    match value.get("plugin").and_then(Value::as_str) {
+        Some(plugin) if UNSUPPORTED_PLUGINS.contains(&plugin) => {
+            return Ok(Parsed::Unsupported(plugin.to_owned()));
+        }
+        Some("custom") => {
+            let monitor = super::plugin_file::parse(value, &mut p);
+            return match monitor {
+                Some(m) if p.list.is_empty() => Ok(Parsed::Plugin(m)),
+                _ => Err(p.list),
+            };
+        }
+        _ => {}
+    }
     let raw: RawFile = match serde_json::from_value(value) {
         Ok(raw) => raw,
         Err(e) => {
@@ -176,10 +205,6 @@ pub fn parse(name: &str, bytes: &[u8]) -> Result<MonitorFile, Vec<ConfigProblem>
     };
     match raw.plugin.as_deref() {
         None | Some("kmsg") => {}
-        Some(other @ ("filelog" | "journald" | "custom")) => p.add(
-            "$.plugin",
-            ConfigReason::UnsupportedPlugin(other.to_owned()),
-        ),
         Some(other) => p.add("$.plugin", ConfigReason::UnknownPlugin(other.to_owned())),
     }
     let buffer_size = match raw.buffer_size {
@@ -250,20 +275,22 @@ pub fn parse(name: &str, bytes: &[u8]) -> Result<MonitorFile, Vec<ConfigProblem>
         }
     }
     if p.list.is_empty() {
-        Ok(MonitorFile {
+        Ok(Parsed::Rules(MonitorFile {
             name: name.to_owned(),
             source,
             buffer_size,
             conditions,
             rules,
-        })
+        }))
     } else {
         Err(p.list)
     }
 }
 
-fn duration(text: &str, at: String, p: &mut Problems<'_>) -> Option<Duration> {
-    match humantime::parse_duration(text) {
+/// A positive duration of at most [`crate::time::MAX_WINDOW`], in Go's syntax (`5m0s`) or
+/// humantime's (`5min`); a problem at `at` otherwise.
+pub(super) fn duration(text: &str, at: String, p: &mut Problems<'_>) -> Option<Duration> {
+    match crate::time::parse_duration(text) {
         Ok(d) if d > crate::time::MAX_WINDOW => {
             p.add(
                 at,
@@ -286,7 +313,7 @@ fn duration(text: &str, at: String, p: &mut Problems<'_>) -> Option<Duration> {
             p.add(
                 at,
                 ConfigReason::Invalid(format!(
-                    "invalid duration {text:?}: {e} (e.g. \"90s\", \"5m\")"
+                    "invalid duration {e} (e.g. \"90s\", \"5m\", \"1h30m\")"
                 )),
             );
             None
@@ -477,9 +504,14 @@ mod tests {
     use crate::rules::RuleSet;
 
     fn problems(text: &str) -> Vec<(String, String)> {
-        match parse("f.json", text.as_bytes()) {
-            Ok(_) => Vec::new(),
-            Err(list) => list
+        match RuleSet::from_sources([("f.json", text.as_bytes())]) {
+            Ok(set) => set
+                .unsupported_problems()
+                .into_iter()
+                .map(|p| (p.path, p.reason.to_string()))
+                .collect(),
+            Err(e) => e
+                .problems
                 .into_iter()
                 .map(|p| (p.path, p.reason.to_string()))
                 .collect(),
@@ -493,18 +525,22 @@ mod tests {
     #[test]
     fn npd_files_are_accepted_unchanged() {
         for (name, text) in crate::rules::defaults::FILES {
-            assert!(parse(name, text.as_bytes()).is_ok(), "{name}");
+            assert!(
+                matches!(parse(name, text.as_bytes()), Ok(Parsed::Rules(_))),
+                "{name}"
+            );
         }
         // NPD's older example with a multi-line pattern and options npd does not use.
-        let file = parse(
+        let Ok(Parsed::Rules(file)) = parse(
             "old.json",
             br#"{"plugin":"kmsg","logPath":"/dev/kmsg","lookback":"10m","delay":"0","bufferSize":10,
             "source":"kernel-monitor","metricsReporting":false,"pluginConfig":{},
             "conditions":[{"type":"KernelDeadlock","reason":"KernelHasNoDeadlock","message":"kernel has no deadlock"}],
             "rules":[{"type":"temporary","reason":"OOMKilling","pattern":"Kill process \\d+ (.+) score \\d+ or sacrifice child\\nKilled process \\d+ (.+) total-vm:\\d+kB, anon-rss:\\d+kB, file-rss:\\d+kB",
               "patternGeneratedMessageSuffix":"see the OOM docs"}]}"#,
-        )
-        .unwrap();
+        ) else {
+            panic!("a rule file")
+        };
         assert_eq!(file.buffer_size, 10);
         let Matcher::Log { pattern, suffix } = &file.rules[0].matcher else {
             panic!()
@@ -528,8 +564,6 @@ mod tests {
         );
         let l = problems(r#"{"plugin":"filelog","source":"s"}"#);
         assert!(has(&l, "$.plugin", "\"filelog\""), "{l:?}");
-        let l = problems(r#"{"plugin":"custom","source":"s"}"#);
-        assert!(has(&l, "$.plugin", "\"custom\""), "{l:?}");
         let l = problems(r#"{"plugin":"nope","source":"s"}"#);
         assert!(has(&l, "$.plugin", "unknown plugin"), "{l:?}");
         let l = problems(r#"{"rules":[]}"#);

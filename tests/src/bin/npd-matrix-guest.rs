@@ -446,13 +446,16 @@ fn check_oom_v1(guest: &Guest) -> Outcome {
     }
     let _root = Mount::with("tmpfs", "tmpfs", CGROUP, "");
     // The memory controller leaves cgroup v2 (the check before) only once its last cgroup
-    // there is freed, which the kernel does asynchronously: until then this mount is EBUSY.
+    // there is freed, which the kernel does asynchronously: until then this mount is EBUSY. A
+    // dying memory cgroup lives on while page cache is charged to it: dropping the caches
+    // frees it.
     let dir = format!("{CGROUP}/memory");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let _memory = loop {
         match std::panic::catch_unwind(|| Mount::with("cgroup", "cgroup", &dir, "memory")) {
             Ok(mount) => break mount,
             Err(e) if Instant::now() < deadline && panic_text(e.as_ref()).contains("busy") => {
+                let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
                 std::thread::sleep(Duration::from_millis(250));
             }
             Err(e) => std::panic::resume_unwind(e),

@@ -9,7 +9,12 @@
 //! rules) is in one [`RegexSet`], so a message costs one scan whatever the number of rules;
 //! only patterns that can span lines use NPD's buffer of recent messages.
 
+mod plugin;
+
 use std::{collections::VecDeque, time::SystemTime};
+
+use self::plugin::PluginState;
+pub use self::plugin::{PluginResult, PluginStatus};
 
 use prometheus::{Counter, IntCounter, Registry};
 use regex::bytes::RegexSet;
@@ -122,6 +127,8 @@ pub struct Engine {
     rates: Vec<VecDeque<Mono>>,
     reported: ReportedFaults<(String, FaultKey), Origin>,
     requests: FailedRequests,
+    /// NPD custom plugin monitors: what their rules mean.
+    plugins: Vec<PluginState>,
     /// Turns the kernel's times into the reports' wall-clock times.
     clock: WallClock,
     stats: EngineStats,
@@ -133,6 +140,22 @@ impl Engine {
     /// says boot was at the Unix epoch (as `replay` wants) until [`Engine::set_clock`].
     pub fn new(rules: RuleSet) -> Engine {
         let mut conditions = ConditionManager::default();
+        let plugins = rules
+            .plugins
+            .iter()
+            .map(|monitor| {
+                for c in &monitor.conditions {
+                    conditions.declare(
+                        &monitor.source,
+                        &c.type_,
+                        &c.reason,
+                        &c.message,
+                        SystemTime::UNIX_EPOCH,
+                    );
+                }
+                PluginState::new(monitor)
+            })
+            .collect();
         let mut files = Vec::new();
         let mut flat = Vec::new();
         for (i, file) in rules.files.into_iter().enumerate() {
@@ -201,6 +224,7 @@ impl Engine {
             rates,
             reported: ReportedFaults::default(),
             requests: FailedRequests::default(),
+            plugins,
             clock: WallClock::booted_at(SystemTime::UNIX_EPOCH),
             stats: EngineStats::default(),
             metrics: EngineMetrics::new(),
@@ -219,10 +243,14 @@ impl Engine {
     }
 
     /// Every condition's default False state (with its source), for exporters to initialise;
-    /// `now` becomes their transition time.
+    /// `now` becomes their transition time. A plugin monitor's with `skip_initial_status`
+    /// are left out: their first result writes them.
     pub fn initial_conditions(&mut self, now: SystemTime) -> Vec<ConditionChange> {
         self.conditions.set_initial_time(now);
-        self.conditions.all()
+        let unwritten: Vec<&String> = self.plugins.iter().flat_map(|p| p.unwritten()).collect();
+        let mut all = self.conditions.all();
+        all.retain(|c| !unwritten.contains(&&c.condition.type_));
+        all
     }
 
     /// Takes over the states of npd's conditions found on the Node (see
@@ -269,7 +297,29 @@ impl Engine {
                 out.push(item);
             }
         }
+        for plugin in self.plugins.iter().filter(|p| p.metrics_reporting) {
+            for (reason, condition) in plugin.reasons() {
+                let item = (
+                    plugin.source().to_owned(),
+                    reason.to_owned(),
+                    condition.map(str::to_owned),
+                );
+                if !out.contains(&item) {
+                    out.push(item);
+                }
+            }
+        }
         out
+    }
+
+    /// The sources of plugin monitors with `"metricsReporting": false`: NPD's problem metrics
+    /// leave their problems out.
+    pub fn sources_without_metrics(&self) -> Vec<String> {
+        self.plugins
+            .iter()
+            .filter(|p| !p.metrics_reporting)
+            .map(|p| p.source().to_owned())
+            .collect()
     }
 
     /// The counters (those also exported read from the metrics).
