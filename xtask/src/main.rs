@@ -13,6 +13,9 @@
 //! * `fuzz [--seconds N] [TARGET...]`: runs the fuzz targets in `fuzz/` (cargo-fuzz and
 //!   libFuzzer on the nightly toolchain, with AddressSanitizer), each for N seconds, and prints
 //!   the executions and findings of each. The corpus grows in the cache, outside the checkout.
+//! * `manifests`: renders `deploy/kubernetes/` from the Helm chart `deploy/helm/npd` and
+//!   refreshes the chart's copy of `config/*.json` (`deploy/helm/render-manifests.sh`, with the
+//!   pinned helm it installs into the cache).
 
 use std::{
     ffi::OsString,
@@ -70,6 +73,8 @@ enum Cmd {
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
+    /// Render deploy/kubernetes/ from the Helm chart deploy/helm/npd.
+    Manifests,
 }
 
 fn main() -> ExitCode {
@@ -121,6 +126,9 @@ fn real_main() -> anyhow::Result<()> {
             let path = setup()?;
             fuzz(&path, seconds, &targets)
         }
+        Cmd::Manifests => run(&mut Command::new(
+            root.join("deploy/helm/render-manifests.sh"),
+        )),
     }
 }
 
