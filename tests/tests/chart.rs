@@ -854,8 +854,8 @@ fn values_an_npd_chart_user_knows_are_honoured() {
     let file = dir.join("values.json");
     let values = json!({
         "image": {"repository": "registry.example/npd", "tag": "9.9.9", "pullPolicy": "Always"},
-        "settings": {"extraArgs": ["--log-format=json"], "port": 30256, "prometheus_port": 30257},
-        "extraArgs": ["--k8s-exporter-heartbeat-period=1m"],
+        "settings": {"extraArgs": ["--log-format=json"], "port": 30256, "prometheus_port": 30257, "heartBeatPeriod": "5m0s"},
+        "extraArgs": ["--log-level=debug"],
         "env": [{"name": "NO_COLOR", "value": "1"}],
         "resources": {"requests": {"cpu": "50m", "memory": "40Mi"}, "limits": {"memory": "80Mi"}},
         "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -893,8 +893,9 @@ fn values_an_npd_chart_user_knows_are_honoured() {
     for arg in [
         "--port=30256",
         "--prometheus-port=30257",
+        "--k8s-exporter-heartbeat-period=5m0s",
         "--log-format=json",
-        "--k8s-exporter-heartbeat-period=1m",
+        "--log-level=debug",
     ] {
         assert!(a.contains(&arg.to_owned()), "{arg} not in {a:?}");
     }
