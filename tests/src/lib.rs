@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod faults;
+pub mod helm;
 pub mod http;
 pub mod kernel;
 pub mod node;

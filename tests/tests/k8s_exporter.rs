@@ -688,7 +688,10 @@ fn configmap_carries_the_default_rule_files() {
         .expect("the ConfigMap's copy is JSON");
         let source: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(config.join(f)).unwrap()).unwrap();
-        assert_eq!(shipped, source, "{f} differs: run deploy/gen-configmap.sh");
+        assert_eq!(
+            shipped, source,
+            "{f} differs: run deploy/helm/render-manifests.sh"
+        );
     }
 }
 

@@ -18,6 +18,9 @@
 //!   to `target/npd-image.oci.tar` and kept in local podman storage as `localhost/npd:VERSION`.
 //! * `matrix [--kernel V]...`: the static build on Debian's kernels under qemu, real faults in
 //!   each guest (`docs/kernel-matrix.md`).
+//! * `manifests`: renders `deploy/kubernetes/` from the Helm chart `deploy/helm/npd` and
+//!   refreshes the chart's copy of `config/*.json` (`deploy/helm/render-manifests.sh`, with the
+//!   pinned helm it installs into the cache).
 
 mod debian;
 mod image;
@@ -103,6 +106,8 @@ enum Cmd {
         #[arg(long = "kernel", value_name = "V")]
         kernels: Vec<String>,
     },
+    /// Render deploy/kubernetes/ from the Helm chart deploy/helm/npd.
+    Manifests,
 }
 
 fn main() -> ExitCode {
@@ -185,6 +190,9 @@ fn real_main() -> anyhow::Result<()> {
             let path = setup()?;
             fuzz(&path, seconds, &targets)
         }
+        Cmd::Manifests => run(&mut Command::new(
+            root.join("deploy/helm/render-manifests.sh"),
+        )),
     }
 }
 
