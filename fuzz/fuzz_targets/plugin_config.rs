@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
     engine.initial_conditions(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
     let mut at = Mono::since_boot(Duration::from_secs(1));
     while let [rule, status, len, rest @ ..] = results {
+        let step = Duration::from_secs(u64::from(*len) * 1_000_000);
         let len = usize::from(*len).min(rest.len());
         let (output, rest) = rest.split_at(len);
         results = rest;
@@ -51,6 +52,6 @@ fuzz_target!(|data: &[u8]| {
                 assert!(!change.condition.reason.is_empty(), "{change:?}");
             }
         }
-        at = at.saturating_add(Duration::from_secs(u64::from(*len) * 1_000_000));
+        at = at.saturating_add(step);
     }
 });

@@ -12,6 +12,7 @@
 //! Needs root, podman and the image (`NPD_IMAGE`, set by `cargo xtask test`).
 
 use std::{
+    io::Write as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -21,7 +22,7 @@ use kube::{Api, api::ListParams};
 use npd_tests::{
     apiserver::{ApiServer, repo_root},
     faults, have_memory_cgroup,
-    kernel::{TempDir, write_kmsg},
+    kernel::{Sysctl, TempDir, write_kmsg},
     kernel_test,
     podman::{self, Container, Spec},
     prerequisite, procstat, unique,
@@ -234,10 +235,35 @@ fn the_image_runs_as_the_daemonset_runs_it() {
             &container,
         )
         .await;
+        let faults_kib = procstat::status_kib(pid, "VmRSS");
+        // A 100k-line flood of kernel noise, then one more oops line: the flood went through.
+        {
+            let _devkmsg = Sysctl::set("kernel/printk_devkmsg", "on");
+            let mut kmsg = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/kmsg")
+                .expect("opening /dev/kmsg");
+            for i in 0..100_000 {
+                writeln!(kmsg, "npd container flood: eth0: link is up {i}")
+                    .expect("writing /dev/kmsg");
+            }
+        }
+        let marker = unique("npd-after-flood");
+        write_kmsg(&format!("{KERNEL_OOPS} {marker}"));
+        wait_event(
+            server,
+            &node,
+            "KernelOops",
+            |m| m.contains(&marker),
+            &container,
+        )
+        .await;
         println!(
-            "container RSS: {} idle, {} after the faults",
+            "container RSS: {} idle, {} after the faults, {} after a 100k-line flood (peak {})",
             procstat::mib(idle_kib),
-            procstat::mib(procstat::status_kib(pid, "VmRSS"))
+            procstat::mib(faults_kib),
+            procstat::mib(procstat::status_kib(pid, "VmRSS")),
+            procstat::mib(procstat::status_kib(pid, "VmHWM"))
         );
         assert_eq!(
             container.stop(Duration::from_secs(10)),
