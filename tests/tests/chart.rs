@@ -849,6 +849,95 @@ fn custom_rule_files_load_next_to_the_defaults_or_alone() {
 }
 
 #[test]
+fn plugin_monitors_and_their_scripts_install_as_with_deliveryheros_chart() {
+    let test = "plugin_monitors_and_their_scripts_install_as_with_deliveryheros_chart";
+    if !have_helm(test) {
+        return;
+    }
+    let Some(server) = server_with_crds(test) else {
+        return;
+    };
+    // deliveryhero's way: the plugin config and its script in custom_monitor_definitions, the
+    // config named by custom_plugin_monitors at /custom-config/. A second plugin config is
+    // loaded as any custom *.json file is.
+    let ntp = r#"{"plugin": "custom", "pluginConfig": {"invoke_interval": "30s", "timeout": "5s"}, "source": "ntp-custom-plugin-monitor", "metricsReporting": true, "conditions": [{"type": "NTPProblem", "reason": "NTPIsUp", "message": "ntp service is up"}], "rules": [{"type": "permanent", "condition": "NTPProblem", "reason": "NTPIsDown", "path": "/custom-config/check-ntp.sh", "timeout": "3s"}]}"#;
+    let fd = r#"{"plugin": "custom", "source": "fd-monitor", "conditions": [], "rules": [{"type": "temporary", "reason": "FDPressure", "path": "/custom-config/check-fd.sh"}]}"#;
+    let script = "#!/bin/sh\nexit 0\n";
+    let dir = TempDir::new("npd-values");
+    let file = dir.join("values.json");
+    let v = json!({
+        "settings": {
+            "custom_monitor_definitions": {
+                "ntp-monitor.json": ntp,
+                "fd-monitor.json": fd,
+                "check-ntp.sh": script,
+                "check-fd.sh": script,
+            },
+            "custom_plugin_monitors": ["/custom-config/ntp-monitor.json"],
+        },
+        "metrics": { "prometheusRule": { "enabled": true } },
+    });
+    std::fs::write(&file, v.to_string()).unwrap();
+    let stored = dry_run(server, &render(&["-f", file.to_str().unwrap()]));
+
+    let a = args(&stored);
+    assert!(
+        a.contains(&"--config.custom-plugin-monitor=/custom-config/ntp-monitor.json".to_owned()),
+        "{a:?}"
+    );
+    assert!(
+        a.contains(&"--config=/etc/npd/fd-monitor.json".to_owned()),
+        "{a:?}"
+    );
+    // Named by path, so not loaded a second time; scripts are never loaded as rule files.
+    for not in ["ntp-monitor.json", "check-ntp.sh", "check-fd.sh"] {
+        assert!(
+            !a.iter()
+                .any(|arg| arg.ends_with(not) && arg.starts_with("--config=")),
+            "{not} in {a:?}"
+        );
+    }
+
+    let cm = find(&stored, "ConfigMap", Some("npd-config"));
+    assert_eq!(cm["data"]["check-ntp.sh"].as_str(), Some(script));
+    // One volume, executable, mounted at npd's path and at deliveryhero's.
+    let pod = &find(&stored, "DaemonSet", None)["spec"]["template"]["spec"];
+    let config = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"]["name"] == "npd-config")
+        .expect("the config volume");
+    assert_eq!(config["configMap"]["defaultMode"], 0o755);
+    let at: BTreeSet<&str> = container(&stored)["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == config["name"])
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert_eq!(at, BTreeSet::from(["/etc/npd", "/custom-config"]));
+
+    // The plugin monitors' problems are alerted on like the rule files'.
+    let rules = find(&stored, "PrometheusRule", Some("npd")).to_string();
+    for alert in ["NodeProblemGaugeNTPIsDown", "NodeProblemFDPressure"] {
+        assert!(rules.contains(alert), "{alert} missing: {rules}");
+    }
+
+    // Only plugin monitors by path is a valid install, without the defaults.
+    let yaml = render(&[
+        "--set",
+        "settings.default_monitors=false",
+        "--set",
+        "settings.custom_plugin_monitors={/config/my-plugin.json}",
+    ]);
+    assert!(
+        yaml.contains("--config.custom-plugin-monitor=/config/my-plugin.json"),
+        "{yaml}"
+    );
+}
+
+#[test]
 fn values_an_npd_chart_user_knows_are_honoured() {
     let test = "values_an_npd_chart_user_knows_are_honoured";
     if !have_helm(test) {

@@ -88,6 +88,24 @@ in place.
 {{- toJson $names }}
 {{- end }}
 
+{{/*
+The rule and plugin-monitor files the agent loads from /etc/npd/ with --config, as a JSON list
+of file names: the ConfigMap's *.json files (other files, such as plugin scripts, are only
+mounted), except those settings.log_monitors or settings.custom_plugin_monitors already name by
+path (/etc/npd/<name>, or /custom-config/<name> as in deliveryhero's chart), so that no file is
+loaded twice.
+*/}}
+{{- define "npd.loadedRuleFiles" -}}
+{{- $named := concat .Values.settings.log_monitors .Values.settings.custom_plugin_monitors }}
+{{- $names := list }}
+{{- range $name := include "npd.ruleFileNames" . | fromJsonArray }}
+{{- if and (hasSuffix ".json" $name) (not (has (printf "/etc/npd/%s" $name) $named)) (not (has (printf "/custom-config/%s" $name) $named)) }}
+{{- $names = append $names $name }}
+{{- end }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
 {{/* The content of rule file $name (a default, or the custom file of that name). */}}
 {{- define "npd.ruleFile" -}}
 {{- $root := index . 0 }}
@@ -101,20 +119,23 @@ in place.
 
 {{/* Fails when no rule file would be given to the agent. */}}
 {{- define "npd.checkRules" -}}
-{{- if and (eq (len (include "npd.ruleFileNames" . | fromJsonArray)) 0) (not .Values.settings.log_monitors) }}
-{{- fail "settings.default_monitors is false and no rule file is given (settings.custom_monitor_definitions, settings.log_monitors): the agent would fall back to its embedded defaults" }}
+{{- if and (eq (len (include "npd.loadedRuleFiles" . | fromJsonArray)) 0) (not .Values.settings.log_monitors) (not .Values.settings.custom_plugin_monitors) }}
+{{- fail "settings.default_monitors is false and no rule file is given (settings.custom_monitor_definitions, settings.log_monitors, settings.custom_plugin_monitors): the agent would fall back to its embedded defaults" }}
 {{- end }}
 {{- end }}
 
 {{/*
 The problems the loaded rule files can report, as JSON: {"reasons": [...], "conditions":
-[{"type": T, "reason": R}, ...]}, from the ConfigMap's rule files (for the alerts).
+[{"type": T, "reason": R}, ...]}, from the ConfigMap's *.json files, rule files and plugin
+monitor files alike (for the alerts; every one of them is loaded, by --config or by the path a
+setting names).
 */}}
 {{- define "npd.problems" -}}
 {{- $root := . }}
 {{- $reasons := list }}
 {{- $conditions := list }}
 {{- range $name := include "npd.ruleFileNames" . | fromJsonArray }}
+{{- if hasSuffix ".json" $name }}
 {{- $file := include "npd.ruleFile" (list $root $name) | fromJson }}
 {{- if hasKey $file "Error" }}
 {{- fail (printf "rule file %s is not JSON: %s" $name $file.Error) }}
@@ -127,6 +148,7 @@ The problems the loaded rule files can report, as JSON: {"reasons": [...], "cond
 {{- $c := dict "type" $rule.condition "reason" $rule.reason }}
 {{- if not (has $c $conditions) }}
 {{- $conditions = append $conditions $c }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
