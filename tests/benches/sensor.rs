@@ -17,7 +17,7 @@ use npd_agent::{
     event::{Detail, KernelEvent},
     sensor::{Sensor, SensorConfig, SourceChoice},
 };
-use npd_tests::{agent::agent_binary, kernel::Sysctl, unique};
+use npd_tests::{agent::agent_binary, kernel::Sysctl, procstat::context_switches, unique};
 
 const SAMPLES: usize = 2_000;
 const FLOOD: usize = 100_000;
@@ -141,23 +141,6 @@ async fn bench_source(source: SourceChoice) {
             start_time.as_secs_f64() * 1e3
         );
     }
-}
-
-/// Context switches of every thread of a process (voluntary + involuntary).
-fn context_switches(pid: u32) -> u64 {
-    let mut total = 0;
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    for task in tasks.flatten() {
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        total += status
-            .lines()
-            .filter(|l| l.contains("ctxt_switches"))
-            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
-            .sum::<u64>();
-    }
-    total
 }
 
 /// utime + stime in clock ticks.

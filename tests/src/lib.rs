@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod corpus;
 pub mod faults;
 pub mod helm;
 pub mod http;

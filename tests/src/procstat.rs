@@ -1,25 +1,66 @@
 //! What a process costs, read from `/proc`: CPU time, RSS, and the part of RSS that is the
 //! BPF ring buffer's mapping. For benchmarks (numbers, never assertions in tests).
 
-/// CPU time (user + system) of a process, in seconds.
-pub fn cpu_seconds(pid: u32) -> f64 {
+/// Clock-tick fields of `/proc/PID/stat`, counted from the state field (0) after the command
+/// name (which may contain spaces): utime 11, stime 12, cutime 13, cstime 14. In seconds.
+fn stat_seconds(pid: u32, fields: &[usize]) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at ") ".
-    let fields: Vec<&str> = stat
+    let after: Vec<&str> = stat
         .rsplit_once(") ")
         .map(|(_, rest)| rest)
         .unwrap_or("")
         .split(' ')
         .collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let ticks: u64 = fields
+        .iter()
+        .map(|&i| {
+            after
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (field(11) + field(12)) as f64 / hz
+    ticks as f64 / hz
+}
+
+/// CPU time (user + system) of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(pid, &[11, 12])
+}
+
+/// CPU time (user + system) of a process's reaped children (its plugins), in seconds.
+pub fn children_cpu_seconds(pid: u32) -> f64 {
+    stat_seconds(pid, &[13, 14])
+}
+
+/// CPU time of every live thread of a process, in seconds, to the microsecond: the sum of
+/// `se.sum_exec_runtime` in `/proc/PID/task/*/sched` (clock ticks, 10 ms, are too coarse for
+/// a flood that costs 100 ms). Falls back to [`cpu_seconds`] where the kernel has no
+/// `sched` files.
+pub fn exact_cpu_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let mut total_ms = 0.0;
+    for task in tasks.flatten() {
+        let Ok(sched) = std::fs::read_to_string(task.path().join("sched")) else {
+            return cpu_seconds(pid);
+        };
+        let Some(ms) = sched.lines().find_map(|l| {
+            l.strip_prefix("se.sum_exec_runtime")?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        }) else {
+            return cpu_seconds(pid);
+        };
+        total_ms += ms;
+    }
+    total_ms / 1e3
 }
 
 /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`); 0 when absent.
@@ -39,12 +80,22 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Context switches of a process (voluntary and not), from `/proc/PID/status`.
+/// Context switches of every live thread of a process (voluntary and not), from
+/// `/proc/PID/task/*/status`: `/proc/PID/status` alone counts the main thread only.
 pub fn context_switches(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .filter(|l| l.contains("ctxt_switches:"))
-        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|task| {
+            std::fs::read_to_string(task.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        })
         .sum()
 }
 

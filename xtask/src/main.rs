@@ -8,8 +8,9 @@
 //! * `run [-- ARGS]`: build, then run the agent as root (through sudo when not root).
 //! * `test`: setup, then every unit and integration test; the integration tests need root
 //!   (through sudo when not root) and run one at a time.
-//! * `bench`: setup, then the benchmarks (criterion, the kernel sensor benchmark and the
-//!   end-to-end Kubernetes detection latency, as root).
+//! * `bench [NAME]`: setup, then the benchmarks (criterion, then as root the kernel sensor,
+//!   the performance table, the plugin monitor and the OOM storm soak); `bench perf` prints
+//!   only the performance table and writes `target/bench/perf.json`.
 //! * `fuzz [--seconds N] [TARGET...]`: runs the fuzz targets in `fuzz/` (cargo-fuzz and
 //!   libFuzzer on the nightly toolchain, with AddressSanitizer), each for N seconds, and prints
 //!   the executions and findings of each. The corpus grows in the cache, outside the checkout.
@@ -85,7 +86,11 @@ enum Cmd {
         filter: Option<String>,
     },
     /// Run the benchmarks and print their numbers.
-    Bench,
+    Bench {
+        /// Only this benchmark of the tests crate (`sensor`, `perf`, `plugins`, `oom_storm`);
+        /// `perf` prints the performance table and writes target/bench/perf.json.
+        only: Option<String>,
+    },
     /// Fuzz the parsers of hostile input; each target for `--seconds`.
     Fuzz {
         /// How long each target runs.
@@ -178,9 +183,9 @@ fn real_main() -> anyhow::Result<()> {
             let path = setup()?;
             test(&path, filter)
         }
-        Cmd::Bench => {
+        Cmd::Bench { only } => {
             let path = setup()?;
-            bench(&path)
+            bench(&path, only.as_deref())
         }
         Cmd::Image { rootfs } => {
             let path = setup()?;
@@ -533,15 +538,30 @@ fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(path: &OsString) -> anyhow::Result<()> {
+/// The benchmarks of the tests crate, in the order `cargo xtask bench` runs them.
+const TEST_BENCHES: [&str; 4] = ["sensor", "perf", "plugins", "oom_storm"];
+
+fn bench(path: &OsString, only: Option<&str>) -> anyhow::Result<()> {
+    if let Some(name) = only
+        && !TEST_BENCHES.contains(&name)
+    {
+        bail!("no benchmark {name:?}: one of {}", TEST_BENCHES.join(", "));
+    }
     let agent = build_agent(path, true)?;
-    let mut criterion = cargo(path);
-    criterion
-        .args(["bench", "--package", "npd-agent"])
-        .args(locked());
-    run(&mut criterion)?;
-    // The kernel sensor, detection latency through a real API server, then the OOM storm soak.
-    for bench in ["sensor", "k8s_latency", "oom_storm"] {
+    if only.is_none() {
+        let mut criterion = cargo(path);
+        criterion
+            .args(["bench", "--package", "npd-agent"])
+            .args(locked());
+        run(&mut criterion)?;
+    }
+    // The kernel sensor, the performance table (floods, Event writes, printk cost, RSS,
+    // condition latency through a real API server), the plugin monitor (10 minutes), then the
+    // OOM storm soak.
+    for bench in TEST_BENCHES
+        .iter()
+        .filter(|b| only.is_none_or(|o| o == **b))
+    {
         let mut kernel = cargo(path);
         kernel
             .args(["bench", "--package", "npd-tests", "--bench", bench])

@@ -9,6 +9,11 @@
 //!   cgroup and allocates until the cgroup's OOM killer kills it. At the end it prints one JSON
 //!   line: `{"forked":N,"oom_killed":K,"other_exits":O,"seconds":S}`.
 //!
+//! * `npd-test-hog kmsg FILE`: writes each line of FILE to `/dev/kmsg` (one write, one
+//!   record) as fast as it can, then prints one JSON line with its own cost:
+//!   `{"lines":N,"seconds":S,"user_us":U,"sys_us":K}` (`getrusage`), for the benchmarks that
+//!   measure what npd adds to every `printk`.
+//!
 //! It prints `ready` when it is about to misbehave.
 use std::{
     io::Write as _,
@@ -55,10 +60,46 @@ fn main() {
                 .unwrap_or_else(|_| fail("SECONDS is not a number"));
             storm(&args[2], rate.max(1), Duration::from_secs(secs));
         }
+        Some("kmsg") if args.len() == 3 => kmsg_flood(&args[2]),
         _ => fail(
-            "usage: npd-test-hog oom CGROUP_DIR MIB | write FILE | storm CGROUP_DIR RATE SECONDS",
+            "usage: npd-test-hog oom CGROUP_DIR MIB | write FILE | storm CGROUP_DIR RATE SECONDS \
+             | kmsg FILE",
         ),
     }
+}
+
+fn kmsg_flood(file: &str) {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| fail(&format!("{file}: {e}")));
+    let lines: Vec<&str> = text.lines().collect();
+    let mut kmsg = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .unwrap_or_else(|e| fail(&format!("/dev/kmsg: {e}")));
+    let usage = || {
+        // SAFETY: getrusage fills the struct it is given.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let us = |t: libc::timeval| t.tv_sec * 1_000_000 + t.tv_usec;
+        (us(usage.ru_utime), us(usage.ru_stime))
+    };
+    // Only the writes are measured, not reading the file.
+    let (user0, sys0) = usage();
+    let start = Instant::now();
+    for line in &lines {
+        kmsg.write_all(line.as_bytes())
+            .unwrap_or_else(|e| fail(&format!("writing /dev/kmsg: {e}")));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let (user1, sys1) = usage();
+    println!(
+        "{{\"lines\":{},\"seconds\":{seconds},\"user_us\":{},\"sys_us\":{}}}",
+        lines.len(),
+        user1 - user0,
+        sys1 - sys0
+    );
 }
 
 /// What happened to the storm's children.
