@@ -32,6 +32,11 @@ pub struct LogPattern {
     pub regex: Regex,
     /// True when a match can only lie inside the newest line.
     pub last_line_only: bool,
+    /// Literals one of which every match contains (the pattern's prefixes once a leading
+    /// optional part such as `.*` is set aside), or `None` when there is no such short list.
+    /// A line that contains none of them cannot match: the engine checks all of them in one
+    /// pass before it runs the patterns (see [`required_literals`]).
+    pub required: Option<Vec<Vec<u8>>>,
 }
 
 /// Why a pattern was rejected.
@@ -77,17 +82,20 @@ impl LogPattern {
                 (unicode, re)
             }
         };
-        let last_line_only = regex_syntax::ParserBuilder::new()
+        let hir = regex_syntax::ParserBuilder::new()
             .utf8(false)
             .unicode(!anchored.starts_with("(?-u:"))
             .build()
             .parse(pattern)
-            .is_ok_and(|hir| stays_on_one_line(&hir));
+            .ok();
+        let last_line_only = hir.as_ref().is_some_and(stays_on_one_line);
+        let required = hir.as_ref().and_then(required_literals);
         Ok(Self {
             source: pattern.to_owned(),
             anchored,
             regex,
             last_line_only,
+            required,
         })
     }
 }
@@ -144,6 +152,38 @@ fn uses_extended_flag(pattern: &str) -> bool {
         }
     }
     false
+}
+
+/// Literals one of which every match of `hir` contains, when there is a short list of them.
+///
+/// NPD's patterns are not anchored at the start, so a leading part that may match nothing
+/// (`.*`, `\s*`, a word boundary) can be set aside: every match still contains a match of the
+/// rest, whose prefixes are then required. `None` when the rest has no finite, non-empty set of
+/// prefixes (e.g. `\w+ error`), or would need too many.
+pub fn required_literals(hir: &Hir) -> Option<Vec<Vec<u8>>> {
+    use regex_syntax::hir::literal::{ExtractKind, Extractor};
+
+    let rest = match hir.kind() {
+        HirKind::Concat(subs) => {
+            let skip = subs.iter().take_while(|h| may_be_empty(h)).count();
+            Hir::concat(subs[skip..].to_vec())
+        }
+        _ if may_be_empty(hir) => return None,
+        _ => hir.clone(),
+    };
+    let mut extractor = Extractor::new();
+    extractor.kind(ExtractKind::Prefix).limit_total(64);
+    let seq = extractor.extract(&rest);
+    let literals = seq.literals()?;
+    if literals.is_empty() || literals.iter().any(|l| l.as_bytes().is_empty()) {
+        return None;
+    }
+    Some(literals.iter().map(|l| l.as_bytes().to_vec()).collect())
+}
+
+/// Whether `hir` can match the empty string (so that it may be set aside at the start).
+fn may_be_empty(hir: &Hir) -> bool {
+    hir.properties().minimum_len() == Some(0)
 }
 
 /// True when no match of `hir` can contain a newline or depend on the start of the text.
@@ -237,6 +277,62 @@ mod tests {
         ));
         // An escaped parenthesis is not a flag group.
         assert!(LogPattern::compile(r"\(?x").is_ok());
+    }
+
+    #[test]
+    fn required_literals_are_what_every_match_contains() {
+        let required = |p: &str| {
+            LogPattern::compile(p).unwrap().required.map(|ls| {
+                ls.into_iter()
+                    .map(|l| String::from_utf8(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            required(r"EXT4-fs error .*"),
+            Some(vec!["EXT4-fs error ".into()])
+        );
+        // A leading `.*` is set aside.
+        assert_eq!(
+            required(r".*\[Hardware Error\]: event severity: fatal$"),
+            Some(vec!["[Hardware Error]: event severity: fatal".into()])
+        );
+        assert_eq!(
+            required(r"(alpha|beta) gamma"),
+            Some(vec!["alpha gamma".into(), "beta gamma".into()])
+        );
+        // No short list: every line must be matched.
+        assert_eq!(required(r"\w+ error"), None);
+        assert_eq!(required(r".*"), None);
+        assert_eq!(required(r"a|"), None);
+        // Case-insensitive: every casing is listed, or none is required.
+        let ci = required(r"(?i)oops").unwrap();
+        assert!(ci.contains(&"OOPS".to_string()) && ci.contains(&"oops".to_string()));
+        // Whatever is required really is in every matching line.
+        for (pattern, line) in [
+            (
+                r"task [\S ]+:\w+ blocked for more than \w+ seconds\.",
+                "INFO: task dd:12 blocked for more than 120 seconds.",
+            ),
+            (
+                r".*\[Hardware Error\]: event severity: corrected$",
+                "{1}[Hardware Error]: event severity: corrected",
+            ),
+            (
+                r"\bXFS .* Shutting down filesystem.?",
+                "XFS (loop0): Shutting down filesystem",
+            ),
+        ] {
+            let p = LogPattern::compile(pattern).unwrap();
+            assert!(p.regex.is_match(line.as_bytes()), "{pattern}");
+            let required = p.required.expect(pattern);
+            assert!(
+                required
+                    .iter()
+                    .any(|l| line.as_bytes().windows(l.len()).any(|w| w == l)),
+                "{pattern}: {required:?}"
+            );
+        }
     }
 
     #[test]

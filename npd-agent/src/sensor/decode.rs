@@ -230,7 +230,7 @@ fn decode_console(header: &RecordHeader, text: &[u8]) -> LogMessage {
     }
     let text = strip_console_timestamp(text);
     LogMessage {
-        message: String::from_utf8_lossy(text).into_owned(),
+        message: super::kernel_text(text),
         truncated_from: (header.orig_len > header.data_len).then_some(header.orig_len as usize),
         seq: None,
     }

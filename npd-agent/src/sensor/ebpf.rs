@@ -14,7 +14,10 @@ use aya::{
     programs::TracePoint,
 };
 use npd_common::{LossReason, ProgramConfig, RecordKind, loss_slot};
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{Semaphore, mpsc},
+};
 
 use super::{
     Batch, Losses, SensorConfig, SensorStats,
@@ -118,13 +121,21 @@ struct RingReader {
     layouts: Layouts,
     tx: mpsc::Sender<Batch>,
     stats: Arc<SensorStats>,
+    /// One permit: the batch the consumer works on holds it.
+    in_flight: Arc<Semaphore>,
 }
 
 impl supervise::Reader for RingReader {
     fn run(
         &mut self,
     ) -> impl std::future::Future<Output = std::io::Result<supervise::Finished>> + Send + '_ {
-        read_ring(&mut self.ring, &self.layouts, &self.tx, &self.stats)
+        read_ring(
+            &mut self.ring,
+            &self.layouts,
+            &self.tx,
+            &self.stats,
+            &self.in_flight,
+        )
     }
 }
 
@@ -218,6 +229,7 @@ impl EbpfSource {
             layouts,
             tx,
             stats: readers.stats.clone(),
+            in_flight: Arc::new(Semaphore::new(1)),
         };
         readers.spawn("eBPF ring buffer", reader);
         let console_attached = attached.iter().any(|a| a == "printk:console");
@@ -280,19 +292,46 @@ fn attach(ebpf: &mut Ebpf, tp: &TracepointSpec) -> Result<(), String> {
 /// so that the consumer starts on the first while the reader drains the rest.
 const MAX_BATCH: usize = 1024;
 
+/// A wake-up that found at least this many records is taken for a flood in progress: the
+/// reader then lets the next records gather in the ring for [`GATHER`] before it looks again.
+const FLOOD_RECORDS: usize = 8;
+
+/// How long records gather in the ring during a flood. The kernel wakes the reader for the
+/// first record after it caught up, and for none after it until the reader reads again: one
+/// wake-up for what a millisecond brings, instead of one for every few records (measured: 12k
+/// wake-ups of the consumer in a 101k-line flood without this). An isolated record, or the
+/// first of a flood, is read at once.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Reads the ring buffer each time it becomes readable, until the receiver goes away: every
 /// record available is decoded and handed over in one burst (one wake-up of the consumer).
+///
+/// One burst is in flight at a time: before it takes more from the ring, the reader waits
+/// until the consumer has finished the last burst (its permit, in `in_flight`). Meanwhile new
+/// records wait in the ring, and the kernel does not wake the reader for them: it wakes the
+/// reader only for a record written when the reader had taken everything before it. Under a
+/// flood that is one wake-up per burst instead of one per record, for the reader and for the
+/// task that writes the kernel message. At idle nothing waits: the permit is free. A wake-up
+/// that found a flood in progress waits [`GATHER`] before the next (a timer only then: an
+/// idle agent has none).
 async fn read_ring(
     ring: &mut AsyncFd<RingBuf<MapData>>,
     layouts: &Layouts,
     tx: &mpsc::Sender<Batch>,
     stats: &SensorStats,
+    in_flight: &Arc<Semaphore>,
 ) -> std::io::Result<supervise::Finished> {
     loop {
         let mut guard = ring.readable_mut().await?;
         let mut drained = false;
+        let mut taken = 0;
         while !drained {
-            let mut batch = Batch::new();
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| std::io::Error::other("the ring reader's permits were closed"))?;
+            let mut batch = Batch::in_flight(permit);
             while batch.len() < MAX_BATCH {
                 let decoded = {
                     let Some(item) = guard.get_inner_mut().next() else {
@@ -309,11 +348,15 @@ async fn read_ring(
                     Err(err) => stats.decode_error("eBPF record", &err),
                 }
             }
+            taken += batch.len();
             if !batch.is_empty() && tx.send(batch).await.is_err() {
                 return Ok(supervise::Finished::ConsumerGone);
             }
         }
         guard.clear_ready();
+        if taken >= FLOOD_RECORDS {
+            tokio::time::sleep(GATHER).await;
+        }
     }
 }
 

@@ -264,7 +264,7 @@ impl Field {
 
     /// Reads a string field, replacing bytes that are not UTF-8.
     pub fn read_string(&self, record: &[u8]) -> Result<String, FieldError> {
-        Ok(String::from_utf8_lossy(self.read_bytes(record)?).into_owned())
+        Ok(super::kernel_text(self.read_bytes(record)?))
     }
 }
 

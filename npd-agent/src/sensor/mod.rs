@@ -41,7 +41,91 @@ pub enum SourceChoice {
 }
 
 /// The events one wake-up of a reader found, in the order the kernel reported them.
-pub type Batch = Vec<KernelEvent>;
+///
+/// A batch from the ring buffer holds its reader's one in-flight permit until the consumer
+/// drops it: the reader takes nothing more from the ring while the consumer works, so records
+/// wait there, and the kernel, which wakes the reader only when it has caught up, does not wake
+/// it once per record (see `ebpf::read_ring`).
+#[derive(Debug, Default)]
+pub struct Batch {
+    events: Vec<KernelEvent>,
+    _in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty batch that holds `permit` until it is dropped.
+    pub(crate) fn in_flight(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Batch {
+            events: Vec::new(),
+            _in_flight: Some(permit),
+        }
+    }
+}
+
+impl From<Vec<KernelEvent>> for Batch {
+    fn from(events: Vec<KernelEvent>) -> Self {
+        Batch {
+            events,
+            _in_flight: None,
+        }
+    }
+}
+
+impl std::ops::Deref for Batch {
+    type Target = Vec<KernelEvent>;
+
+    fn deref(&self) -> &Vec<KernelEvent> {
+        &self.events
+    }
+}
+
+impl std::ops::DerefMut for Batch {
+    fn deref_mut(&mut self) -> &mut Vec<KernelEvent> {
+        &mut self.events
+    }
+}
+
+impl IntoIterator for Batch {
+    type Item = KernelEvent;
+    type IntoIter = std::vec::IntoIter<KernelEvent>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.events.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Batch {
+    type Item = &'a KernelEvent;
+    type IntoIter = std::slice::Iter<'a, KernelEvent>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.events.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Batch {
+    type Item = &'a mut KernelEvent;
+    type IntoIter = std::slice::IterMut<'a, KernelEvent>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.events.iter_mut()
+    }
+}
+
+/// Kernel text as a `String`, bytes that are not UTF-8 replaced. Kernel text is nearly always
+/// valid (ASCII): checked at memory speed first, converted chunk by chunk only when it is not
+/// (`String::from_utf8_lossy` alone costs a tenth of the agent's CPU in a flood).
+pub(crate) fn kernel_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
 
 /// Registers a descriptor we own with the tokio reactor, for readability.
 pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
