@@ -28,7 +28,7 @@ use npd_common::{
 
 /// The one ring buffer every program writes into. The agent may resize it at load time.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
 /// Records that could not be delivered, per CPU, indexed by [`loss_slot`].
 #[map]

@@ -138,10 +138,14 @@ pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
     }?)
 }
 
-/// The default ring buffer: 4 MiB holds tens of thousands of messages of backlog (a 100,000
-/// message flood at full speed arrives without a drop), and costs 8 MiB of the agent's RSS (the
-/// kernel maps the data pages twice, for wrap-around).
-pub const DEFAULT_RING_BUFFER_SIZE: u32 = 4 * 1024 * 1024;
+/// The default ring buffer: 1 MiB. The reader keeps at most one burst in flight and takes
+/// the ring every millisecond of a flood, so a flood at full speed (about 500,000 lines a
+/// second here) keeps about 100 KiB waiting; 512 KiB already took three 101k-line floods
+/// at that speed without a drop (`npd-test-hog kmsg`), and 1 MiB holds some 10 ms of such a flood while
+/// the agent is not scheduled. It costs 2 MiB of the agent's RSS (the kernel maps the data
+/// pages twice, for wrap-around); 4 MiB cost 8. A node whose floods outrun it shows
+/// `npd_kernel_events_lost_total{reason="ring_buffer_full"}` and raises `--ring-buffer-size`.
+pub const DEFAULT_RING_BUFFER_SIZE: u32 = 1024 * 1024;
 
 /// The smallest and largest ring buffer: a power of two from one page to 1 GiB (the kernel's
 /// rule for a BPF ring buffer, which must also be a multiple of the page size).

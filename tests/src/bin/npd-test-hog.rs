@@ -14,6 +14,10 @@
 //!   `{"lines":N,"seconds":S,"user_us":U,"sys_us":K}` (`getrusage`), for the benchmarks that
 //!   measure what npd adds to every `printk`.
 //!
+//! * `npd-test-hog corpus SEED`: prints the realistic corpus of the benchmarks
+//!   ([`npd_tests::corpus::realistic`], 100,000 noise lines and 1,000 matches) for profiling by
+//!   hand: `npd-test-hog corpus 1 > c.txt; npd-test-hog kmsg c.txt`.
+//!
 //! It prints `ready` when it is about to misbehave.
 use std::{
     io::Write as _,
@@ -61,9 +65,19 @@ fn main() {
             storm(&args[2], rate.max(1), Duration::from_secs(secs));
         }
         Some("kmsg") if args.len() == 3 => kmsg_flood(&args[2]),
+        Some("corpus") if args.len() == 3 => {
+            let seed = args[2]
+                .parse()
+                .unwrap_or_else(|_| fail("SEED is not a number"));
+            let (lines, _) = npd_tests::corpus::realistic(100_000, 1_000, seed);
+            let mut out = std::io::stdout().lock();
+            for line in lines {
+                let _ = writeln!(out, "{line}");
+            }
+        }
         _ => fail(
             "usage: npd-test-hog oom CGROUP_DIR MIB | write FILE | storm CGROUP_DIR RATE SECONDS \
-             | kmsg FILE",
+             | kmsg FILE | corpus SEED",
         ),
     }
 }
