@@ -32,10 +32,18 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// Whether a missing prerequisite fails the test instead of skipping it: in CI (`CI=true`,
 /// which `.ci/run` sets) and with `NPD_TEST_STRICT=1`.
 pub fn strict() -> bool {
-    let set = |name: &str, yes: &[&str]| {
-        std::env::var(name).is_ok_and(|v| yes.contains(&v.trim().to_ascii_lowercase().as_str()))
+    strict_from(
+        std::env::var("CI").ok().as_deref(),
+        std::env::var("NPD_TEST_STRICT").ok().as_deref(),
+    )
+}
+
+/// [`strict`] from the values of `CI` and `NPD_TEST_STRICT`: `CI=false` is not CI.
+fn strict_from(ci: Option<&str>, strict: Option<&str>) -> bool {
+    let yes = |v: Option<&str>| {
+        v.is_some_and(|v| ["true", "1", "yes"].contains(&v.trim().to_ascii_lowercase().as_str()))
     };
-    set("CI", &["true", "1", "yes"]) || set("NPD_TEST_STRICT", &["1", "true", "yes"])
+    yes(ci) || yes(strict)
 }
 
 /// Checks a prerequisite of `test`: true when it is there. When it is not, a strict run (see
@@ -43,16 +51,31 @@ pub fn strict() -> bool {
 /// printed, and the test's name is appended to the file `NPD_SKIP_LOG` names (which
 /// `cargo xtask test` counts in its summary line), and false is returned.
 pub fn prerequisite(test: &str, available: Result<(), String>) -> bool {
+    prerequisite_with(
+        test,
+        available,
+        strict(),
+        std::env::var_os("NPD_SKIP_LOG").as_deref(),
+    )
+}
+
+/// [`prerequisite`] with its environment given: whether the run is strict, and the skip log.
+fn prerequisite_with(
+    test: &str,
+    available: Result<(), String>,
+    strict: bool,
+    skip_log: Option<&std::ffi::OsStr>,
+) -> bool {
     let Err(reason) = available else {
         return true;
     };
-    if strict() {
+    if strict {
         panic!(
             "{test}: missing prerequisite: {reason} (CI=true or NPD_TEST_STRICT=1: not skipped)"
         );
     }
     eprintln!("SKIPPED {test}: {reason}");
-    if let Some(log) = std::env::var_os("NPD_SKIP_LOG") {
+    if let Some(log) = skip_log {
         use std::io::Write as _;
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
@@ -106,4 +129,47 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod harness_tests {
+    use super::*;
+
+    #[test]
+    fn ci_and_npd_test_strict_make_a_run_strict() {
+        assert!(strict_from(Some("true"), None));
+        assert!(strict_from(Some("1"), None));
+        assert!(strict_from(None, Some("1")));
+        assert!(strict_from(Some("false"), Some("YES")));
+        assert!(!strict_from(None, None));
+        assert!(!strict_from(Some("false"), None));
+        assert!(!strict_from(Some("0"), Some("no")));
+    }
+
+    #[test]
+    #[should_panic(expected = "the test: missing prerequisite: no API server")]
+    fn a_missing_prerequisite_fails_a_strict_run() {
+        prerequisite_with("the test", Err("no API server".into()), true, None);
+    }
+
+    #[test]
+    fn a_missing_prerequisite_is_a_logged_skip_otherwise() {
+        let dir = std::env::temp_dir().join(format!("npd-skip-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        assert!(prerequisite_with(
+            "present",
+            Ok(()),
+            true,
+            Some(dir.as_os_str())
+        ));
+        assert!(!prerequisite_with(
+            "absent",
+            Err("no root".into()),
+            false,
+            Some(dir.as_os_str())
+        ));
+        let log = std::fs::read_to_string(&dir).expect("the skip log");
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(log, "absent: no root\n");
+    }
 }

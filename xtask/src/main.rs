@@ -398,11 +398,7 @@ fn install_bpf_linker(dir: &Path, llvm_major: &str) -> anyhow::Result<()> {
 
 /// `--locked` in CI, so the committed Cargo.lock is what gets built.
 fn locked() -> &'static [&'static str] {
-    if std::env::var_os("CI").is_some() {
-        &["--locked"]
-    } else {
-        &[]
-    }
+    if in_ci() { &["--locked"] } else { &[] }
 }
 
 fn cargo(path: &OsString) -> Command {
@@ -443,6 +439,12 @@ fn build_agent(path: &OsString, release: bool) -> anyhow::Result<PathBuf> {
         .context("cargo reported no npd-agent executable")
 }
 
+/// `CI=true` (or `1`, `yes`), as the tests crate's strict mode reads it: `CI=false` is not CI.
+fn in_ci() -> bool {
+    std::env::var("CI")
+        .is_ok_and(|v| ["true", "1", "yes"].contains(&v.trim().to_ascii_lowercase().as_str()))
+}
+
 /// Totals of a test run, from libtest's `test result:` lines and the skip log.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Totals {
@@ -469,6 +471,12 @@ impl Totals {
                 _ => {}
             }
         }
+    }
+
+    /// Counts the skip log's tests: each returned early, which libtest counted as passed.
+    fn count_skips(&mut self, skipped: &[String]) {
+        self.skipped = skipped.len() as u64;
+        self.passed = self.passed.saturating_sub(self.skipped);
     }
 }
 
@@ -519,12 +527,10 @@ fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
         .map(str::to_owned)
         .collect();
     let _ = std::fs::remove_file(&skip_log);
-    // A skipped test returned early, which libtest counts as passed.
-    totals.skipped = skipped.len() as u64;
-    totals.passed = totals.passed.saturating_sub(totals.skipped);
     for s in &skipped {
         eprintln!("xtask: skipped {s}");
     }
+    totals.count_skips(&skipped);
     println!(
         "{} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.skipped
@@ -532,7 +538,12 @@ fn test(path: &OsString, filter: Option<String>) -> anyhow::Result<()> {
     if !status.success() {
         bail!("{} failed: {status}", describe(&cmd));
     }
-    if std::env::var_os("CI").is_some() && totals.skipped > 0 {
+    no_skips_in_ci(&skipped, in_ci())
+}
+
+/// In CI a skipped test fails the run: a missing prerequisite is a failure there.
+fn no_skips_in_ci(skipped: &[String], ci: bool) -> anyhow::Result<()> {
+    if ci && !skipped.is_empty() {
         bail!("in CI no test may be skipped: {}", skipped.join("; "));
     }
     Ok(())
@@ -697,6 +708,29 @@ fn fuzz(path: &OsString, seconds: u64, only: &[String]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skips_are_not_passes_and_fail_a_ci_run() {
+        let mut t = Totals::default();
+        t.add_result_line("test result: ok. 10 passed; 0 failed; 0 ignored");
+        let skipped = vec!["a: no root".to_owned(), "b: no API server".to_owned()];
+        t.count_skips(&skipped);
+        assert_eq!(
+            t,
+            Totals {
+                passed: 8,
+                failed: 0,
+                skipped: 2
+            }
+        );
+        let err = no_skips_in_ci(&skipped, true).expect_err("skips fail CI");
+        assert!(
+            err.to_string().contains("a: no root; b: no API server"),
+            "{err}"
+        );
+        assert!(no_skips_in_ci(&skipped, false).is_ok());
+        assert!(no_skips_in_ci(&[], true).is_ok());
+    }
 
     #[test]
     fn totals_from_libtest_lines() {

@@ -745,4 +745,35 @@ mod tests {
             prefilter.patterns_len()
         );
     }
+
+    /// A storm against a permanent rate rule keeps at most `count` match times, however many
+    /// matches come within its window (issue 8: a storm costs no memory).
+    #[test]
+    fn a_rate_window_keeps_at_most_count_matches() {
+        let set = RuleSet::from_sources([(
+            "rate.json",
+            br#"{"source":"s",
+                "conditions":[{"type":"Frequent","reason":"NotFrequent","message":"fine"}],
+                "rules":[{"type":"permanent","condition":"Frequent","reason":"Storm",
+                          "pattern":"storm line \\d+","rate":{"count":3,"window":"1h"}}]}"#
+                .as_slice(),
+        )])
+        .expect("the rule file");
+        let mut engine = Engine::new(set);
+        let mut fired = 0;
+        for i in 0..10_000u64 {
+            let event = KernelEvent::new(
+                Mono::since_boot(std::time::Duration::from_millis(i)),
+                crate::event::Detail::Log(crate::event::LogMessage::new(format!("storm line {i}"))),
+            );
+            fired += engine.handle(&event).len();
+            assert!(
+                engine.rates.iter().all(|seen| seen.len() <= 3),
+                "after {i} matches: {:?}",
+                engine.rates.iter().map(VecDeque::len).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(fired, 1, "the condition turns True once, and stays");
+        assert_eq!(engine.rates[0].len(), 3);
+    }
 }
