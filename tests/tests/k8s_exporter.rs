@@ -968,6 +968,115 @@ async fn forbidden_writes_are_retried_and_named_in_health() {
     exporter.shutdown().await;
 }
 
+/// The condition path and the Event path are independent: with `nodes/status patch`
+/// forbidden, Events still land while the condition waits; with `events create` forbidden,
+/// conditions still land while the Event waits. Each lands once its permission is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_condition_path_never_blocks_events_nor_the_reverse() {
+    let Some(server) =
+        ApiServer::start("a_stuck_condition_path_never_blocks_events_nor_the_reverse")
+    else {
+        return;
+    };
+    let name = "npd-independent";
+    server.create_node(name).await;
+    let kubeconfig = server.service_account_kubeconfig().await;
+    let admin = server.admin_client().await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let mut config = K8sConfig::from_kubeconfig(&kubeconfig, name).await.unwrap();
+    config.retry_forbidden_max = Duration::from_millis(500);
+    config.event_forbidden_retry_for = Duration::from_secs(120);
+    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    wait_condition(
+        &nodes,
+        name,
+        "KernelDeadlock",
+        "False",
+        "KernelHasNoDeadlock",
+    )
+    .await;
+    // The shipped ClusterRole's rules: nodes get, nodes/status patch, events create/patch.
+    let drop_rule = |index: usize| {
+        let out = server.kubectl(&[
+            "patch",
+            "clusterrole",
+            "npd",
+            "--type=json",
+            &format!(r#"-p=[{{"op":"remove","path":"/rules/{index}"}}]"#),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // Conditions forbidden: the Event lands all the same.
+    drop_rule(1);
+    exporter.export(&docker_hung(DOCKER_HUNG));
+    wait_stats(&exporter, "nodes/status patch named as missing", |s| {
+        s.problem
+            .as_deref()
+            .is_some_and(|p| p.contains("nodes/status patch"))
+    })
+    .await;
+    exporter.export(&problem(
+        "KernelOops",
+        "BUG: while conditions are forbidden",
+    ));
+    wait_for(
+        "the KernelOops Event while conditions are forbidden",
+        || async { events(&admin, name, "KernelOops").await.into_iter().next() },
+    )
+    .await;
+    let c = fetch_condition(&nodes, name, "KernelDeadlock").await;
+    assert_eq!(
+        c.and_then(|c| c.reason).as_deref(),
+        Some("KernelHasNoDeadlock"),
+        "the forbidden condition write cannot have landed"
+    );
+    server.apply_rbac();
+    wait_condition(&nodes, name, "KernelDeadlock", "True", "DockerHung").await;
+
+    // Events forbidden: the condition lands all the same.
+    drop_rule(2);
+    exporter.export(&problem(
+        "OOMKilling",
+        "Killed process 1234 (while Events are forbidden)",
+    ));
+    wait_stats(&exporter, "events create named as missing", |s| {
+        s.problem
+            .as_deref()
+            .is_some_and(|p| p.contains("events create"))
+    })
+    .await;
+    exporter.export(&change(
+        "ReadonlyFilesystem",
+        ConditionStatus::True,
+        "FilesystemIsReadOnly",
+        "Remounting filesystem read-only",
+    ));
+    wait_condition(
+        &nodes,
+        name,
+        "ReadonlyFilesystem",
+        "True",
+        "FilesystemIsReadOnly",
+    )
+    .await;
+    assert!(
+        events(&admin, name, "OOMKilling").await.is_empty(),
+        "the forbidden Event cannot have landed"
+    );
+    server.apply_rbac();
+    wait_for("the OOMKilling Event once permitted", || async {
+        events(&admin, name, "OOMKilling").await.into_iter().next()
+    })
+    .await;
+    let stats = exporter.shutdown().await;
+    assert_eq!(stats.events_dropped_rejected, 0, "{stats:?}");
+}
+
 /// The Node deleted under a running agent (404): npd is unhealthy saying so, reads the Node
 /// again with backoff, and writes every condition, the newest state included, once it is
 /// registered again.

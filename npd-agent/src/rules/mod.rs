@@ -4,6 +4,8 @@
 //! [`RuleSet::load`]; matching lives in [`crate::engine`].
 
 pub(crate) mod defaults;
+pub(crate) mod fields;
+pub(crate) mod monitor_file;
 pub(crate) mod npd_file;
 pub mod pattern;
 pub mod plugin_file;
@@ -233,13 +235,15 @@ impl RuleSet {
         let mut plugins = Vec::new();
         let mut unsupported = Vec::new();
         for (name, bytes) in sources {
-            match npd_file::parse(name, bytes) {
-                Ok(npd_file::Parsed::Rules(file)) => files.push(file),
-                Ok(npd_file::Parsed::Plugin(monitor)) => plugins.push(monitor),
-                Ok(npd_file::Parsed::Unsupported(plugin)) => unsupported.push(UnsupportedMonitor {
-                    file: name.to_owned(),
-                    plugin,
-                }),
+            match monitor_file::parse(name, bytes) {
+                Ok(monitor_file::Parsed::Rules(file)) => files.push(file),
+                Ok(monitor_file::Parsed::Plugin(monitor)) => plugins.push(monitor),
+                Ok(monitor_file::Parsed::Unsupported(plugin)) => {
+                    unsupported.push(UnsupportedMonitor {
+                        file: name.to_owned(),
+                        plugin,
+                    })
+                }
                 Err(mut p) => problems.append(&mut p),
             }
         }

@@ -2,15 +2,15 @@
 //! extensions on rules (`event`, `match`, `message`, `rate`, `recoverAfter`, `dedupWindow`).
 //! Every field is checked: an unknown one is an error naming its JSON path.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use regex::RegexBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    ConditionDecl, ConfigProblem, ConfigReason, Effect, FieldFilter, Matcher, MonitorFile, Rate,
-    Rule,
+    ConditionDecl, ConfigReason, Effect, FieldFilter, Matcher, MonitorFile, Rate, Rule,
+    fields::{Problems, RawCondition, RawRuleType, duration},
     pattern::LogPattern,
     structured::{Template, field_of},
 };
@@ -76,22 +76,6 @@ struct RawFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawCondition {
-    #[serde(rename = "type")]
-    pub(super) type_: String,
-    pub(super) reason: String,
-    pub(super) message: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum RawRuleType {
-    Temporary,
-    Permanent,
-}
-
-#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawRule {
     #[serde(rename = "type")]
@@ -125,82 +109,14 @@ struct RawRate {
     window: String,
 }
 
-/// The problems found in one file.
-pub(super) struct Problems<'a> {
-    pub(super) file: &'a str,
-    pub(super) list: Vec<ConfigProblem>,
-}
-
-impl Problems<'_> {
-    pub(super) fn add(&mut self, path: impl Into<String>, reason: ConfigReason) {
-        self.list.push(ConfigProblem {
-            file: self.file.to_owned(),
-            path: path.into(),
-            reason,
-        });
-    }
-}
-
-/// What a monitor file is, read from its `plugin`.
-#[derive(Debug)]
-pub enum Parsed {
-    /// A system log monitor npd runs (plugin `kmsg`, or none): its rules.
-    Rules(MonitorFile),
-    /// A custom plugin monitor (plugin `custom`).
-    Plugin(super::plugin_file::PluginMonitor),
-    /// A monitor of a plugin npd does not run (`journald`, `filelog`): named, not run.
-    Unsupported(String),
-}
-
-/// NPD's monitor plugins npd knows of and does not run.
-pub const UNSUPPORTED_PLUGINS: [&str; 2] = ["journald", "filelog"];
-
-/// Parses one monitor file; every problem is reported with its JSON path.
-pub fn parse(name: &str, bytes: &[u8]) -> Result<Parsed, Vec<ConfigProblem>> {
-    let mut p = Problems {
-        file: name,
-        list: Vec::new(),
-    };
-    let value: Value = match serde_json::from_slice(bytes) {
-        Ok(v) => v,
-        Err(e) => {
-            p.add(
-                "$",
-                ConfigReason::Json {
-                    line: e.line(),
-                    column: e.column(),
-                    message: e.to_string(),
-                },
-            );
-            return Err(p.list);
-        }
-    };
-    if !value.is_object() {
-        p.add(
-            "$",
-            ConfigReason::Schema("a rule file is a JSON object".into()),
-        );
-        return Err(p.list);
-    }
-    // A monitor of another plugin is named, not read: its fields are that plugin's.
-    match value.get("plugin").and_then(Value::as_str) {
-        Some(plugin) if UNSUPPORTED_PLUGINS.contains(&plugin) => {
-            return Ok(Parsed::Unsupported(plugin.to_owned()));
-        }
-        Some("custom") => {
-            let monitor = super::plugin_file::parse(value, &mut p);
-            return match monitor {
-                Some(m) if p.list.is_empty() => Ok(Parsed::Plugin(m)),
-                _ => Err(p.list),
-            };
-        }
-        _ => {}
-    }
+/// The rules of a system log monitor file (plugin `kmsg`, or none) named `name`, its JSON
+/// already read by [`super::monitor_file::parse`]; `None` when `p` has problems.
+pub(super) fn parse(name: &str, value: Value, p: &mut Problems<'_>) -> Option<MonitorFile> {
     let raw: RawFile = match serde_json::from_value(value) {
         Ok(raw) => raw,
         Err(e) => {
             p.add("$", ConfigReason::Schema(e.to_string()));
-            return Err(p.list);
+            return None;
         }
     };
     match raw.plugin.as_deref() {
@@ -267,58 +183,20 @@ pub fn parse(name: &str, bytes: &[u8]) -> Result<Parsed, Vec<ConfigProblem>> {
         let at = format!("$.rules[{i}]");
         match serde_json::from_value::<RawRule>(v) {
             Ok(raw) => {
-                if let Some(rule) = compile_rule(raw, &at, &mut p) {
+                if let Some(rule) = compile_rule(raw, &at, p) {
                     rules.push(rule);
                 }
             }
             Err(e) => p.add(at, ConfigReason::Schema(e.to_string())),
         }
     }
-    if p.list.is_empty() {
-        Ok(Parsed::Rules(MonitorFile {
-            name: name.to_owned(),
-            source,
-            buffer_size,
-            conditions,
-            rules,
-        }))
-    } else {
-        Err(p.list)
-    }
-}
-
-/// A positive duration of at most [`crate::time::MAX_WINDOW`], in Go's syntax (`5m0s`) or
-/// humantime's (`5min`); a problem at `at` otherwise.
-pub(super) fn duration(text: &str, at: String, p: &mut Problems<'_>) -> Option<Duration> {
-    match crate::time::parse_duration(text) {
-        Ok(d) if d > crate::time::MAX_WINDOW => {
-            p.add(
-                at,
-                ConfigReason::Invalid(format!(
-                    "duration {text:?} is too long; the limit is {}",
-                    humantime::format_duration(crate::time::MAX_WINDOW)
-                )),
-            );
-            None
-        }
-        Ok(d) if !d.is_zero() => Some(d),
-        Ok(_) => {
-            p.add(
-                at,
-                ConfigReason::Invalid("the duration must be positive".into()),
-            );
-            None
-        }
-        Err(e) => {
-            p.add(
-                at,
-                ConfigReason::Invalid(format!(
-                    "invalid duration {e} (e.g. \"90s\", \"5m\", \"1h30m\")"
-                )),
-            );
-            None
-        }
-    }
+    p.list.is_empty().then(|| MonitorFile {
+        name: name.to_owned(),
+        source,
+        buffer_size,
+        conditions,
+        rules,
+    })
 }
 
 fn compile_rule(raw: RawRule, at: &str, p: &mut Problems<'_>) -> Option<Rule> {
@@ -502,6 +380,7 @@ fn compile_rule(raw: RawRule, at: &str, p: &mut Problems<'_>) -> Option<Rule> {
 mod tests {
     use super::*;
     use crate::rules::RuleSet;
+    use crate::rules::monitor_file::{self, Parsed};
 
     fn problems(text: &str) -> Vec<(String, String)> {
         match RuleSet::from_sources([("f.json", text.as_bytes())]) {
@@ -526,12 +405,15 @@ mod tests {
     fn npd_files_are_accepted_unchanged() {
         for (name, text) in crate::rules::defaults::FILES {
             assert!(
-                matches!(parse(name, text.as_bytes()), Ok(Parsed::Rules(_))),
+                matches!(
+                    monitor_file::parse(name, text.as_bytes()),
+                    Ok(Parsed::Rules(_))
+                ),
                 "{name}"
             );
         }
         // NPD's older example with a multi-line pattern and options npd does not use.
-        let Ok(Parsed::Rules(file)) = parse(
+        let Ok(Parsed::Rules(file)) = monitor_file::parse(
             "old.json",
             br#"{"plugin":"kmsg","logPath":"/dev/kmsg","lookback":"10m","delay":"0","bufferSize":10,
             "source":"kernel-monitor","metricsReporting":false,"pluginConfig":{},

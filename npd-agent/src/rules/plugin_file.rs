@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::{
     ConditionDecl, ConfigReason, Effect,
-    npd_file::{Problems, duration},
+    fields::{Problems, RawCondition, RawRuleType, duration},
 };
 
 /// NPD's defaults.
@@ -105,7 +105,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     #[serde(rename = "type")]
-    type_: super::npd_file::RawRuleType,
+    type_: RawRuleType,
     #[serde(default)]
     condition: Option<String>,
     reason: String,
@@ -200,7 +200,7 @@ pub(super) fn parse(value: Value, p: &mut Problems<'_>) -> Option<PluginMonitor>
     };
     let mut conditions: Vec<ConditionDecl> = Vec::new();
     for (i, v) in raw.conditions.into_iter().enumerate() {
-        match serde_json::from_value::<super::npd_file::RawCondition>(v) {
+        match serde_json::from_value::<RawCondition>(v) {
             Ok(c) if c.type_.is_empty() || c.reason.is_empty() => p.add(
                 format!("$.conditions[{i}]"),
                 ConfigReason::Invalid("a condition needs a non-empty type and reason".into()),
@@ -233,8 +233,8 @@ pub(super) fn parse(value: Value, p: &mut Problems<'_>) -> Option<PluginMonitor>
             );
         }
         let effect = match (r.type_, r.condition) {
-            (super::npd_file::RawRuleType::Temporary, _) => Effect::Temporary,
-            (super::npd_file::RawRuleType::Permanent, Some(c)) if !c.is_empty() => {
+            (RawRuleType::Temporary, _) => Effect::Temporary,
+            (RawRuleType::Permanent, Some(c)) if !c.is_empty() => {
                 if !conditions.iter().any(|d| d.type_ == c) {
                     p.add(
                         format!("{at}.condition"),
@@ -246,7 +246,7 @@ pub(super) fn parse(value: Value, p: &mut Problems<'_>) -> Option<PluginMonitor>
                 }
                 Effect::Permanent { condition: c }
             }
-            (super::npd_file::RawRuleType::Permanent, _) => {
+            (RawRuleType::Permanent, _) => {
                 p.add(format!("{at}.condition"), ConfigReason::MissingCondition);
                 Effect::Temporary
             }
