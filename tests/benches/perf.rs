@@ -36,7 +36,7 @@ use kube::{
 };
 use npd_tests::{
     agent::Agent,
-    apiserver::{ApiServer, node_condition, repo_root},
+    apiserver::{ApiServer, condition_status, repo_root, wait_for_node_condition},
     corpus::{self, MATCH_REASONS},
     have_root,
     http::{self, free_port, sample},
@@ -305,10 +305,6 @@ fn k8s_agent(kubeconfig: &Path, rules: &[PathBuf]) -> (Agent, SocketAddr) {
     )
 }
 
-fn status<'a>(node: &'a Node, type_: &str) -> Option<&'a str> {
-    node_condition(node, type_).map(|c| c.status.as_str())
-}
-
 async fn exporter_on(
     server: &ApiServer,
     dir: &TempDir,
@@ -361,19 +357,7 @@ async fn exporter_on(
 
     // The agent's first write: every condition in its default state.
     let last = latency_type(trials - 1);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let rv = loop {
-        if let Ok(node) = nodes.get(NODE).await
-            && status(&node, &last) == Some("False")
-        {
-            break node.metadata.resource_version.expect("a resourceVersion");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not initialise the Node"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let rv = wait_for_node_condition(&nodes, NODE, &last, "False").await;
 
     // Condition latency.
     let wp = WatchParams::default()
@@ -393,7 +377,7 @@ async fn exporter_on(
                     .expect("watch error")
                     .expect("watch ended");
                 if let WatchEvent::Modified(node) = event
-                    && status(&node, &type_) == Some("True")
+                    && condition_status(&node, &type_) == Some("True")
                 {
                     break;
                 }

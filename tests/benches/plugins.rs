@@ -28,7 +28,7 @@ use kube::{
 };
 use npd_tests::{
     agent::Agent,
-    apiserver::{ApiServer, node_condition, repo_root},
+    apiserver::{ApiServer, condition_status, repo_root, wait_for_node_condition},
     have_root,
     kernel::TempDir,
     procstat::{children_cpu_seconds, context_switches, cpu_seconds, mib, status_kib},
@@ -171,10 +171,6 @@ fn cost(seconds: u64) {
     }
 }
 
-fn status<'a>(node: &'a Node, type_: &str) -> Option<&'a str> {
-    node_condition(node, type_).map(|c| c.status.as_str())
-}
-
 fn unix_nanos(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH).expect("after 1970").as_nanos()
 }
@@ -226,19 +222,7 @@ async fn latency(server: &ApiServer, trials: usize) {
         "--hostname-override",
         NODE,
     ]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let rv = loop {
-        if let Ok(node) = nodes.get(NODE).await
-            && status(&node, "NpdPluginLatency") == Some("False")
-        {
-            break node.metadata.resource_version.expect("a resourceVersion");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not initialise the Node"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let rv = wait_for_node_condition(&nodes, NODE, "NpdPluginLatency", "False").await;
     let wp = WatchParams::default()
         .fields(&format!("metadata.name={NODE}"))
         .timeout(290);
@@ -267,7 +251,7 @@ async fn latency(server: &ApiServer, trials: usize) {
                 .expect("watch error")
                 .expect("watch ended");
             if let WatchEvent::Modified(node) = event
-                && status(&node, "NpdPluginLatency") == Some(want)
+                && condition_status(&node, "NpdPluginLatency") == Some(want)
             {
                 break SystemTime::now();
             }

@@ -41,6 +41,34 @@ pub fn node_condition<'a>(node: &'a Node, type_: &str) -> Option<&'a NodeConditi
         .find(|c| c.type_ == type_)
 }
 
+/// The status of condition `type_` on `node`, if it has one.
+pub fn condition_status<'a>(node: &'a Node, type_: &str) -> Option<&'a str> {
+    node_condition(node, type_).map(|c| c.status.as_str())
+}
+
+/// Waits (at most a minute) until the agent has written condition `type_` of `node` with
+/// status `want`; returns the Node's resourceVersion then, for a watch from there.
+pub async fn wait_for_node_condition(
+    nodes: &Api<Node>,
+    node: &str,
+    type_: &str,
+    want: &str,
+) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(n) = nodes.get(node).await
+            && condition_status(&n, type_) == Some(want)
+        {
+            return n.metadata.resource_version.expect("a resourceVersion");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not write {type_}={want} on Node {node}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The namespace and name of npd's service account in `deploy/kubernetes/rbac.yaml`.
 pub const SERVICE_ACCOUNT: (&str, &str) = ("kube-system", "npd");
 

@@ -93,9 +93,19 @@ fn problem(reason: &str, message: &str) -> Report {
 }
 
 async fn start_exporter(kubeconfig: &Path, node: &str) -> K8sHandle {
-    let config = K8sConfig::from_kubeconfig(kubeconfig, node)
+    start_tuned(kubeconfig, node, |_| {}).await
+}
+
+/// [`start_exporter`] with its configuration changed by `tune` first.
+async fn start_tuned(
+    kubeconfig: &Path,
+    node: &str,
+    tune: impl FnOnce(&mut K8sConfig),
+) -> K8sHandle {
+    let mut config = K8sConfig::from_kubeconfig(kubeconfig, node)
         .await
         .expect("exporter config");
+    tune(&mut config);
     K8sExporter::start(config, defaults()).expect("starting the exporter")
 }
 
@@ -617,9 +627,10 @@ async fn heartbeats_refresh_every_owned_condition() {
     let name = "npd-heartbeat";
     let created = server.create_node(name).await;
     let kubeconfig = server.service_account_kubeconfig().await;
-    let mut config = K8sConfig::from_kubeconfig(&kubeconfig, name).await.unwrap();
-    config.heartbeat_period = Duration::from_secs(1);
-    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    let exporter = start_tuned(&kubeconfig, name, |c| {
+        c.heartbeat_period = Duration::from_secs(1);
+    })
+    .await;
     let nodes: Api<Node> = Api::all(server.admin_client().await);
     let first = wait_condition(
         &nodes,
@@ -910,9 +921,10 @@ async fn forbidden_writes_are_retried_and_named_in_health() {
     let kubeconfig = server.service_account_kubeconfig().await;
     let admin = server.admin_client().await;
     let nodes: Api<Node> = Api::all(admin.clone());
-    let mut config = K8sConfig::from_kubeconfig(&kubeconfig, name).await.unwrap();
-    config.retry_forbidden_max = Duration::from_millis(500);
-    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    let exporter = start_tuned(&kubeconfig, name, |c| {
+        c.retry_forbidden_max = Duration::from_millis(500);
+    })
+    .await;
     wait_condition(
         &nodes,
         name,
@@ -949,10 +961,11 @@ async fn forbidden_writes_are_retried_and_named_in_health() {
     assert_eq!(stats.events_dropped_rejected, 0, "{stats:?}");
 
     // Forbidden for longer than the Event retry time: counted as rejected.
-    let mut config = K8sConfig::from_kubeconfig(&kubeconfig, name).await.unwrap();
-    config.retry_forbidden_max = Duration::from_millis(200);
-    config.event_forbidden_retry_for = Duration::from_secs(1);
-    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    let exporter = start_tuned(&kubeconfig, name, |c| {
+        c.retry_forbidden_max = Duration::from_millis(200);
+        c.event_forbidden_retry_for = Duration::from_secs(1);
+    })
+    .await;
     let unbind = server.kubectl(&["delete", "clusterrolebinding", "npd"]);
     assert!(unbind.status.success());
     exporter.export(&problem("KernelOops", "BUG: while forbidden"));
@@ -983,10 +996,11 @@ async fn a_stuck_condition_path_never_blocks_events_nor_the_reverse() {
     let kubeconfig = server.service_account_kubeconfig().await;
     let admin = server.admin_client().await;
     let nodes: Api<Node> = Api::all(admin.clone());
-    let mut config = K8sConfig::from_kubeconfig(&kubeconfig, name).await.unwrap();
-    config.retry_forbidden_max = Duration::from_millis(500);
-    config.event_forbidden_retry_for = Duration::from_secs(120);
-    let exporter = K8sExporter::start(config, defaults()).unwrap();
+    let exporter = start_tuned(&kubeconfig, name, |c| {
+        c.retry_forbidden_max = Duration::from_millis(500);
+        c.event_forbidden_retry_for = Duration::from_secs(120);
+    })
+    .await;
     wait_condition(
         &nodes,
         name,
