@@ -28,15 +28,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::TryStreamExt as _;
 use k8s_openapi::api::core::v1::{Event, Node};
 use kube::{
     Api,
-    api::{ListParams, WatchEvent, WatchParams},
+    api::{ListParams, WatchParams},
 };
 use npd_tests::{
     agent::Agent,
-    apiserver::{ApiServer, condition_status, repo_root, wait_for_node_condition},
+    apiserver::{ApiServer, repo_root, wait_for_node_condition, watch_for_condition},
     corpus::{self, MATCH_REASONS},
     have_root,
     http::{self, free_port, sample},
@@ -370,18 +369,7 @@ async fn exporter_on(
             let type_ = latency_type(i);
             let start = Instant::now();
             write_kmsg(&format!("{marker} npd-latency-{i}"));
-            loop {
-                let event = tokio::time::timeout(Duration::from_secs(30), watch.try_next())
-                    .await
-                    .expect("the condition within 30 s")
-                    .expect("watch error")
-                    .expect("watch ended");
-                if let WatchEvent::Modified(node) = event
-                    && condition_status(&node, &type_) == Some("True")
-                {
-                    break;
-                }
-            }
+            watch_for_condition(&mut watch, &type_, "True").await;
             latencies.push(start.elapsed());
             // Isolated changes, as kernel faults are.
             tokio::time::sleep(Duration::from_millis(100)).await;

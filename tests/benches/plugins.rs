@@ -20,15 +20,11 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use futures::TryStreamExt as _;
 use k8s_openapi::api::core::v1::Node;
-use kube::{
-    Api,
-    api::{WatchEvent, WatchParams},
-};
+use kube::{Api, api::WatchParams};
 use npd_tests::{
     agent::Agent,
-    apiserver::{ApiServer, condition_status, repo_root, wait_for_node_condition},
+    apiserver::{ApiServer, repo_root, wait_for_node_condition, watch_for_condition},
     have_root,
     kernel::TempDir,
     procstat::{children_cpu_seconds, context_switches, cpu_seconds, mib, status_kib},
@@ -244,18 +240,8 @@ async fn latency(server: &ApiServer, trials: usize) {
             std::fs::remove_file(&trigger).expect("removing the trigger");
             "False"
         };
-        let seen = loop {
-            let event = tokio::time::timeout(Duration::from_secs(30), watch.try_next())
-                .await
-                .expect("the condition within 30 s")
-                .expect("watch error")
-                .expect("watch ended");
-            if let WatchEvent::Modified(node) = event
-                && condition_status(&node, "NpdPluginLatency") == Some(want)
-            {
-                break SystemTime::now();
-            }
-        };
+        watch_for_condition(&mut watch, "NpdPluginLatency", want).await;
+        let seen = SystemTime::now();
         let text = std::fs::read_to_string(&stamps).expect("the plugin's stamps");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), before + 1, "one answer change per trial");

@@ -46,6 +46,27 @@ pub fn condition_status<'a>(node: &'a Node, type_: &str) -> Option<&'a str> {
     node_condition(node, type_).map(|c| c.status.as_str())
 }
 
+/// Reads a watch on a Node until a modification shows condition `type_` with status `want`
+/// (each event within 30 s).
+pub async fn watch_for_condition<S>(watch: &mut S, type_: &str, want: &str)
+where
+    S: futures::Stream<Item = Result<kube::api::WatchEvent<Node>, kube::Error>> + Unpin,
+{
+    use futures::TryStreamExt as _;
+    loop {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(30), watch.try_next())
+            .await
+            .unwrap_or_else(|_| panic!("{type_}={want} within 30 s"))
+            .expect("watch error")
+            .expect("watch ended");
+        if let kube::api::WatchEvent::Modified(node) = event
+            && condition_status(&node, type_) == Some(want)
+        {
+            return;
+        }
+    }
+}
+
 /// Waits (at most a minute) until the agent has written condition `type_` of `node` with
 /// status `want`; returns the Node's resourceVersion then, for a watch from there.
 pub async fn wait_for_node_condition(

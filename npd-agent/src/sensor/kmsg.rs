@@ -59,8 +59,7 @@ pub fn parse_record(raw: &[u8]) -> Option<KmsgRecord> {
         priority,
         seq,
         usec,
-        text: String::from_utf8(unescape(text))
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        text: super::kernel_string(unescape(text)),
     })
 }
 

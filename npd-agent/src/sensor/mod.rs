@@ -127,6 +127,11 @@ pub(crate) fn kernel_text(bytes: &[u8]) -> String {
     }
 }
 
+/// [`kernel_text`] of bytes already owned: valid text is kept without a copy.
+pub(crate) fn kernel_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// Registers a descriptor we own with the tokio reactor, for readability.
 pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
     inner: T,
@@ -140,9 +145,9 @@ pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
 
 /// The default ring buffer: 1 MiB. The reader keeps at most one burst in flight and takes
 /// the ring every millisecond of a flood, so a flood at full speed (about 500,000 lines a
-/// second here) keeps about 100 KiB waiting; 512 KiB already took three 101k-line floods
-/// at that speed without a drop (`npd-test-hog kmsg`), and 1 MiB holds some 10 ms of such a flood while
-/// the agent is not scheduled. It costs 2 MiB of the agent's RSS (the kernel maps the data
+/// second here) keeps about 100 KiB waiting; 512 KiB already took three 101k-line floods at
+/// that speed without a drop (`npd-test-hog kmsg`), and 1 MiB holds some 10 ms of such a
+/// flood while the agent is not scheduled. It costs 2 MiB of the agent's RSS (the kernel maps the data
 /// pages twice, for wrap-around); 4 MiB cost 8. A node whose floods outrun it shows
 /// `npd_kernel_events_lost_total{reason="ring_buffer_full"}` and raises `--ring-buffer-size`.
 pub const DEFAULT_RING_BUFFER_SIZE: u32 = 1024 * 1024;
