@@ -8,7 +8,10 @@ use std::time::{Duration, SystemTime};
 use libfuzzer_sys::fuzz_target;
 use npd_agent::{
     engine::Engine,
-    event::{BlockError, BlockOp, Detail, DevNum, HungTask, KernelEvent, LogMessage, OomKill},
+    event::{
+        BlockError, BlockOp, ContainerRef, Detail, DevNum, HungTask, KernelEvent, LogMessage,
+        OomKill, Owner, PodRef,
+    },
     rules::RuleSet,
     time::Mono,
 };
@@ -28,6 +31,18 @@ fuzz_target!(|data: &[u8]| {
         Detail::HungTask(HungTask {
             pid: 20744,
             comm: "docker".into(),
+            owner: Some(Box::new(Owner {
+                cgroup: Some("/kubepods/burstable/pod1234/abcd".into()),
+                pods: vec![PodRef {
+                    namespace: Some("default".into()),
+                    name: Some("web".into()),
+                    uid: "1234".into(),
+                }],
+                container: Some(ContainerRef {
+                    name: Some("app".into()),
+                    id: "abcd".into(),
+                }),
+            })),
         }),
         Detail::OomKill(OomKill {
             pid: 42,
@@ -42,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
             op: BlockOp::Write,
             rwbs: "WS".into(),
             error: -5,
+            owner: None,
         }),
     ];
     let latest = Mono::ZERO.saturating_add(Duration::MAX);

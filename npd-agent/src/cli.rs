@@ -102,6 +102,19 @@ pub struct RunArgs {
     /// report through the exporters). Off by default; for tests and demonstrations only.
     #[arg(long)]
     pub debug_endpoints: bool,
+    /// Name the pod and container behind each OOM kill, hung task and failed block request,
+    /// and post the Event on the pod too. Watches this node's pods (needs `pods list, watch`);
+    /// `false` turns it off (the chart then drops that permission).
+    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_name = "BOOL")]
+    pub pod_attribution: bool,
+    /// kubelet's `--root-dir`: pods' volumes are mounted under `<DIR>/pods/<uid>/volumes`.
+    #[arg(long, default_value = "/var/lib/kubelet", value_name = "DIR")]
+    pub kubelet_root_dir: PathBuf,
+    /// The host's `/proc` (in a container, the host's mounted in: `/host/proc`): victims' and
+    /// stuck tasks' cgroups, and the host's mount table.
+    #[arg(long, default_value = "/proc", value_name = "DIR")]
+    pub host_proc: PathBuf,
     /// node-problem-detector's own flags, so that a DaemonSet switches by changing its image.
     #[command(flatten)]
     pub npd: NpdFlags,

@@ -6,22 +6,29 @@
 //! Today: the name of a failed block request's device (`/sys/dev/block`), and, where the
 //! kernel's `oom:mark_victim` carries only the pid (before 6.8; Debian's 5.10), the victim's
 //! comm, uid and memory from `/proc/<pid>` (read as the event arrives: the victim is marked
-//! before it is sent SIGKILL, so it is normally still there; if it is gone they stay unknown).
+//! before it is sent SIGKILL, so it is normally still there; if it is gone they stay unknown),
+//! and the pod and container behind OOM kills, hung tasks and failed requests (`crate::pods`,
+//! unless `--pod-attribution=false`).
 
 use std::path::{Path, PathBuf};
 
 use crate::{
-    event::{Detail, KernelEvent, OomKill},
+    event::{Detail, EventKind, KernelEvent, OomKill},
+    pods::Attributor,
+    problem::ProblemEvent,
+    rules::structured::FaultKey,
     sensor::blockdev,
 };
 
 /// Adds host facts to kernel events.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Enricher {
     /// Where block device numbers resolve to names (normally `/sys/dev/block`).
     pub dev_block: PathBuf,
-    /// Where processes are (normally `/proc`).
+    /// Where the host's processes are (normally `/proc`; in a container, the host's mounted in).
     pub proc: PathBuf,
+    /// Pod attribution; `None` when it is off.
+    pub pods: Option<Attributor>,
 }
 
 impl Default for Enricher {
@@ -29,13 +36,14 @@ impl Default for Enricher {
         Enricher {
             dev_block: PathBuf::from(blockdev::SYSFS_DEV_BLOCK),
             proc: PathBuf::from("/proc"),
+            pods: None,
         }
     }
 }
 
 impl Enricher {
     /// Fills in what `event` lacks. Most events need nothing and cost nothing.
-    pub async fn enrich(&self, event: &mut KernelEvent) {
+    pub async fn enrich(&mut self, event: &mut KernelEvent) {
         if let Detail::BlockError(b) = &mut event.detail
             && b.device.is_none()
         {
@@ -52,6 +60,41 @@ impl Enricher {
             if let Ok(facts) = tokio::task::spawn_blocking(move || victim(&root, pid)).await {
                 facts.fill(o);
             }
+        }
+        if let Some(pods) = &mut self.pods {
+            match &event.detail {
+                Detail::Log(log) => pods.note_message(&log.message),
+                _ => pods.attribute(&mut event.detail).await,
+            }
+        }
+    }
+}
+
+impl Enricher {
+    /// Names the pod of a report a log rule made from the kernel's text of a fault (`message`):
+    /// a hung task's or an OOM victim's by its pid, a failed block request's by its device.
+    /// The kernel prints some faults before their tracepoint fires (6.x prints a failed
+    /// request's `I/O error, dev ...` first), and the `/dev/kmsg` source has only the text.
+    /// Attributed when the report is made, so lines that match no rule cost nothing.
+    pub async fn attribute_report(&mut self, report: &mut ProblemEvent, message: &str) {
+        let Some(pods) = &mut self.pods else {
+            return;
+        };
+        if !report.pods.is_empty() || report.fields.contains_key("event") {
+            return;
+        }
+        let (owner, kind) = match FaultKey::of_message(message) {
+            Some(FaultKey::HungTask(pid)) => {
+                (pods.task(pid, EventKind::HungTask), EventKind::HungTask)
+            }
+            Some(FaultKey::OomKill(pid)) => (pods.oom_victim(pid), EventKind::OomKill),
+            Some(FaultKey::BlockError { device, .. }) => {
+                (pods.device_named(&device).await, EventKind::BlockError)
+            }
+            None => return,
+        };
+        if let Some(owner) = owner {
+            report.attribute(&owner, kind);
         }
     }
 }
@@ -128,7 +171,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let _ = std::fs::remove_file(dir.join("7:0"));
         std::os::unix::fs::symlink("../../devices/virtual/block/loop0", dir.join("7:0")).unwrap();
-        let enricher = Enricher {
+        let mut enricher = Enricher {
             dev_block: dir.clone(),
             ..Default::default()
         };
@@ -159,7 +202,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(victim_dir.join("oom_score_adj"), "-17\n").unwrap();
-        let enricher = Enricher {
+        let mut enricher = Enricher {
             proc: dir.clone(),
             ..Default::default()
         };
@@ -184,6 +227,7 @@ mod tests {
                 shmem_rss_kb: Some(372),
                 pgtables_kb: Some(96),
                 oom_score_adj: Some(-17),
+                owner: None,
             })
         );
         // A victim already gone: the pid alone, as the kernel gave it.

@@ -165,6 +165,26 @@ impl Detail {
         }
     }
 
+    /// Who it happened to, when pod attribution found out (log messages: never).
+    pub fn owner(&self) -> Option<&Owner> {
+        match self {
+            Detail::Log(_) => None,
+            Detail::HungTask(h) => h.owner.as_deref(),
+            Detail::OomKill(o) => o.owner.as_deref(),
+            Detail::BlockError(b) => b.owner.as_deref(),
+        }
+    }
+
+    /// Where pod attribution puts what it found (log messages: nowhere).
+    pub fn owner_mut(&mut self) -> Option<&mut Option<Box<Owner>>> {
+        match self {
+            Detail::Log(_) => None,
+            Detail::HungTask(h) => Some(&mut h.owner),
+            Detail::OomKill(o) => Some(&mut o.owner),
+            Detail::BlockError(b) => Some(&mut b.owner),
+        }
+    }
+
     /// The value of the field named `name` as rules and templates see it (see [`Field`]).
     pub fn field_text(&self, name: &str) -> Option<Cow<'_, str>> {
         self.kind().field(name)?.text(self)
@@ -202,6 +222,12 @@ impl Serialize for Detail {
                 Some(Value::Errno(v)) => map.serialize_entry(field.name, &v)?,
                 Some(Value::Dev(v)) => map.serialize_entry(field.name, &v.to_string())?,
                 None => {}
+            }
+        }
+        // Pod attribution, nested as the report schema has it (`docs/pods.md`).
+        if let Some(owner) = self.owner() {
+            for (key, value) in owner.json(kind) {
+                map.serialize_entry(key, &value)?;
             }
         }
         map.end()
@@ -310,6 +336,56 @@ pub fn errno_name(error: i32) -> Option<&'static str> {
     })
 }
 
+/// A field of pod attribution ([`Owner`], read as `$o`), for rules and templates only: JSON
+/// nests them (`"pod": {...}`).
+macro_rules! owner_field {
+    ($name:literal, $doc:literal, |$o:ident| $get:expr) => {
+        Field {
+            name: $name,
+            doc: $doc,
+            get: |detail| detail.owner().and_then(|$o| $get),
+            fallback: None,
+            in_json: false,
+        }
+    };
+}
+
+/// A task's event's fields (hung task, OOM kill): `$field`s, then pod attribution's.
+macro_rules! with_task_owner_fields {
+    ($($field:expr),* $(,)?) => {
+        [
+            $($field,)*
+            owner_field!("cgroup", "the task's cgroup path (pod attribution)", |o| o
+                .cgroup
+                .as_deref()
+                .map(Value::Text)),
+            owner_field!("namespace", "the pod's namespace (pod attribution)", |o| o
+                .pod()?
+                .namespace
+                .as_deref()
+                .map(Value::Text)),
+            owner_field!("pod", "the pod's name (pod attribution)", |o| o
+                .pod()?
+                .name
+                .as_deref()
+                .map(Value::Text)),
+            owner_field!("pod_uid", "the pod's UID (pod attribution)", |o| o
+                .pod()
+                .map(|p| Value::Text(&p.uid))),
+            owner_field!("container", "the container's name (pod attribution)", |o| o
+                .container
+                .as_ref()?
+                .name
+                .as_deref()
+                .map(Value::Text)),
+            owner_field!("container_id", "the container's ID (pod attribution)", |o| o
+                .container
+                .as_ref()
+                .map(|c| Value::Text(&c.id))),
+        ]
+    };
+}
+
 /// A field of kind `$variant`, read from the event's struct as `$x`.
 macro_rules! field {
     ($variant:ident, $name:literal, $doc:literal, |$x:ident| $get:expr) => {
@@ -347,7 +423,7 @@ static LOG_FIELDS: [Field; 3] = [
     ),
 ];
 
-static HUNG_TASK_FIELDS: [Field; 2] = [
+static HUNG_TASK_FIELDS: [Field; 8] = with_task_owner_fields![
     field!(HungTask, "pid", "the stuck task's pid", |h| Some(
         Value::Int(h.pid.into())
     )),
@@ -356,7 +432,7 @@ static HUNG_TASK_FIELDS: [Field; 2] = [
     )),
 ];
 
-static OOM_KILL_FIELDS: [Field; 9] = [
+static OOM_KILL_FIELDS: [Field; 15] = with_task_owner_fields![
     field!(OomKill, "pid", "the victim's pid", |o| Some(Value::Int(
         o.pid.into()
     ))),
@@ -401,7 +477,7 @@ static OOM_KILL_FIELDS: [Field; 9] = [
     ),
 ];
 
-static BLOCK_ERROR_FIELDS: [Field; 8] = [
+static BLOCK_ERROR_FIELDS: [Field; 11] = [
     field!(
         BlockError,
         "device",
@@ -451,6 +527,21 @@ static BLOCK_ERROR_FIELDS: [Field; 8] = [
         fallback: None,
         json: false
     ),
+    owner_field!(
+        "namespace",
+        "the namespace of the first pod with a volume on the device (pod attribution)",
+        |o| o.pod()?.namespace.as_deref().map(Value::Text)
+    ),
+    owner_field!(
+        "pod",
+        "the name of the first pod with a volume on the device (pod attribution)",
+        |o| o.pod()?.name.as_deref().map(Value::Text)
+    ),
+    owner_field!(
+        "pod_uid",
+        "the UID of the first pod with a volume on the device (pod attribution)",
+        |o| o.pod().map(|p| Value::Text(&p.uid))
+    ),
 ];
 
 /// A kernel log message.
@@ -483,6 +574,8 @@ pub struct HungTask {
     pub pid: i32,
     /// The stuck task's command name.
     pub comm: String,
+    /// Its cgroup, pod and container (see [`Owner`]), when attribution found them.
+    pub owner: Option<Box<Owner>>,
 }
 
 /// The OOM killer's victim, with every field the running kernel's tracepoint provides.
@@ -507,6 +600,8 @@ pub struct OomKill {
     pub pgtables_kb: Option<u64>,
     /// The victim's oom_score_adj.
     pub oom_score_adj: Option<i16>,
+    /// Its cgroup, pod and container (see [`Owner`]), when attribution found them.
+    pub owner: Option<Box<Owner>>,
 }
 
 /// A failed block I/O request.
@@ -526,6 +621,117 @@ pub struct BlockError {
     pub rwbs: String,
     /// The error as a negative errno (`-5` is EIO).
     pub error: i32,
+    /// The pods whose volumes are mounted from the device (see [`Owner`]), when attribution
+    /// found any.
+    pub owner: Option<Box<Owner>>,
+}
+
+/// Who a problem happened to, as pod attribution found it (`crate::pods`): the task's cgroup
+/// and the pod and container it belongs to, or, for a failed block request, the pods whose
+/// volumes live on the device. Each name only when it is known: a pod the cache has not seen
+/// (deleted, or no cluster) is its UID alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// The task's cgroup path, from the kernel's own `oom-kill:` line or `/proc/<pid>/cgroup`.
+    pub cgroup: Option<String>,
+    /// The pods: one for a task; for a device, every pod with a volume on it.
+    pub pods: Vec<PodRef>,
+    /// The task's container.
+    pub container: Option<ContainerRef>,
+}
+
+/// A pod: its UID, and its namespace and name when the pod cache knows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PodRef {
+    /// The pod's namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The pod's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `metadata.uid`.
+    pub uid: String,
+}
+
+impl PodRef {
+    /// `namespace/name` when both are known.
+    pub fn qualified_name(&self) -> Option<String> {
+        Some(format!(
+            "{}/{}",
+            self.namespace.as_ref()?,
+            self.name.as_ref()?
+        ))
+    }
+}
+
+/// A container: its runtime ID, and its name when the pod cache knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ContainerRef {
+    /// The container's name in the pod spec.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The runtime's ID (64 hex digits for containerd, CRI-O and Docker).
+    pub id: String,
+}
+
+impl Owner {
+    /// Its JSON entries for an event of `kind`: `cgroup`, then `pod` (a task's) or `pods` (a
+    /// device's), then `container`; each only when known.
+    pub fn json(&self, kind: EventKind) -> Vec<(&'static str, serde_json::Value)> {
+        let mut out = Vec::new();
+        if let Some(cgroup) = &self.cgroup {
+            out.push(("cgroup", serde_json::Value::from(cgroup.as_str())));
+        }
+        let pods = if kind == EventKind::BlockError {
+            (!self.pods.is_empty()).then(|| ("pods", serde_json::to_value(&self.pods)))
+        } else {
+            self.pod().map(|pod| ("pod", serde_json::to_value(pod)))
+        };
+        if let Some((key, Ok(value))) = pods {
+            out.push((key, value));
+        }
+        if let Some(Ok(container)) = self.container.as_ref().map(serde_json::to_value) {
+            out.push(("container", container));
+        }
+        out
+    }
+
+    /// The pods known by namespace and name: those an Event can be posted on.
+    pub fn named_pods(&self) -> Vec<PodRef> {
+        self.pods
+            .iter()
+            .filter(|p| p.qualified_name().is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// The first pod (the task's, for a task).
+    pub fn pod(&self) -> Option<&PodRef> {
+        self.pods.first()
+    }
+
+    /// What a report's message adds, after NPD's message: `; pod <ns>/<name>, container <c>`
+    /// (`; pod uid <uid>` when the pod's name is not known; several pods joined by `, `).
+    /// `None` when there is no pod.
+    pub fn message_suffix(&self) -> Option<String> {
+        if self.pods.is_empty() {
+            return None;
+        }
+        let pods: Vec<String> = self
+            .pods
+            .iter()
+            .map(|p| {
+                p.qualified_name()
+                    .unwrap_or_else(|| format!("uid {}", p.uid))
+            })
+            .collect();
+        let mut out = format!("; pod {}", pods.join(", "));
+        if let Some(name) = self.container.as_ref().and_then(|c| c.name.as_deref()) {
+            out.push_str(", container ");
+            out.push_str(name);
+        }
+        Some(out)
+    }
 }
 
 /// A block device number.
@@ -729,6 +935,7 @@ pub(crate) mod fixtures {
             op: BlockOp::Read,
             rwbs: "R".into(),
             error: -5,
+            owner: None,
         }
     }
 
@@ -737,6 +944,7 @@ pub(crate) mod fixtures {
         HungTask {
             pid,
             comm: comm.into(),
+            owner: None,
         }
     }
 }

@@ -204,6 +204,7 @@ fn report_from_params<'a>(param: &dyn Fn(&str) -> Option<&'a str>) -> Result<Rep
             message,
             timestamp: std::time::SystemTime::now(),
             fields: serde_json::Map::new(),
+            pods: Vec::new(),
         })),
         "condition" => {
             let status = match param("status").unwrap_or("True") {

@@ -25,6 +25,7 @@ pub(crate) mod http;
 pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod plugins;
+pub mod pods;
 pub mod problem;
 pub mod rules;
 pub mod sensor;

@@ -6,6 +6,8 @@ use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
+use crate::event::{EventKind, Owner};
+
 /// How a problem shows up as a Kubernetes Event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Severity {
@@ -93,6 +95,25 @@ pub struct ProblemEvent {
     /// Structured fields of the kernel event behind it (pid, comm, device...), when there is one.
     #[serde(flatten, skip_serializing_if = "serde_json::Map::is_empty")]
     pub fields: serde_json::Map<String, serde_json::Value>,
+    /// The pods it happened in, known by namespace and name (pod attribution; the JSON has
+    /// them in `fields`): the Kubernetes exporter also posts the Event on each.
+    #[serde(skip)]
+    pub pods: Vec<crate::event::PodRef>,
+}
+
+impl ProblemEvent {
+    /// Names the pods it happened in (pod attribution, for a report a log rule made from the
+    /// kernel's text): the message gets [`Owner::message_suffix`] after NPD's message, the
+    /// JSON the owner's fields it lacks, and `pods` those an Event can be posted on.
+    pub fn attribute(&mut self, owner: &Owner, kind: EventKind) {
+        if let Some(suffix) = owner.message_suffix() {
+            self.message.push_str(&suffix);
+        }
+        for (key, value) in owner.json(kind) {
+            self.fields.entry(key).or_insert(value);
+        }
+        self.pods = owner.named_pods();
+    }
 }
 
 /// A condition's new state.
@@ -179,6 +200,7 @@ mod tests {
             message: "Killed process 42 (stress)".into(),
             timestamp: SystemTime::UNIX_EPOCH,
             fields: serde_json::Map::new(),
+            pods: Vec::new(),
         });
         assert_eq!(
             serde_json::to_value(&ev).unwrap(),

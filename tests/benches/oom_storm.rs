@@ -21,7 +21,7 @@ use kube::{Api, api::ListParams};
 use npd_tests::{
     agent::Agent,
     apiserver::{ApiServer, node_condition},
-    have_memory_cgroup, have_root,
+    env_or, have_memory_cgroup, have_root,
     http::{self, free_port, sample},
     kernel::MemCgroup,
     procstat::{cpu_seconds, mib, own_kib, status_kib},
@@ -30,13 +30,6 @@ use npd_tests::{
 const NODE: &str = "npd-bench-oom-storm";
 const NAME: &str = "OOM storm soak benchmark";
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     if !have_root(NAME) || !have_memory_cgroup(NAME) {
         return;
@@ -44,8 +37,8 @@ fn main() {
     let Some(server) = ApiServer::start(NAME) else {
         return;
     };
-    let rate = env_u64("OOM_RATE", 80);
-    let secs = env_u64("OOM_SECONDS", 180);
+    let rate = env_or("OOM_RATE", 80u64);
+    let secs = env_or("OOM_SECONDS", 180u64);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -67,7 +60,7 @@ fn storm(rate: u64, secs: u64) -> StormResult {
     let out = Command::new(env!("CARGO_BIN_EXE_npd-test-hog"))
         .args([
             "storm",
-            &cgroup.0.to_string_lossy(),
+            &cgroup.dir.to_string_lossy(),
             &rate.to_string(),
             &secs.to_string(),
         ])

@@ -25,20 +25,13 @@ use kube::{Api, api::WatchParams};
 use npd_tests::{
     agent::Agent,
     apiserver::{ApiServer, repo_root, wait_for_node_condition, watch_for_condition},
-    have_root,
+    env_or, have_root,
     kernel::TempDir,
     procstat::{children_cpu_seconds, context_switches, cpu_seconds, mib, status_kib},
 };
 
 const NAME: &str = "plugin monitor benchmark";
 const NODE: &str = "npd-bench-plugins";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn write_script(path: &Path, body: &str) {
     std::fs::write(path, format!("#!/bin/sh\n{body}")).expect("writing a plugin script");
@@ -50,7 +43,7 @@ fn main() {
     if !have_root(NAME) {
         return;
     }
-    cost(env_u64("PLUGIN_SECONDS", 600));
+    cost(env_or("PLUGIN_SECONDS", 600u64));
     let Some(server) = ApiServer::start(NAME) else {
         return;
     };
@@ -59,7 +52,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime")
-        .block_on(latency(&server, env_u64("TRIALS", 30).max(5) as usize));
+        .block_on(latency(&server, env_or("TRIALS", 30u64).max(5) as usize));
 }
 
 struct Sample {

@@ -226,6 +226,18 @@ impl Agent {
         self.wait_exit(Duration::from_secs(30))
     }
 
+    /// Stops it (SIGTERM), and checks that it exited with status 0.
+    pub fn stop_cleanly(self) -> Stopped {
+        let stopped = self.stop();
+        assert!(
+            stopped.status.success(),
+            "agent exit: {}\n{}",
+            stopped.status,
+            stopped.stderr
+        );
+        stopped
+    }
+
     /// Waits for the agent to exit by itself (`timeout` at most; then it is killed and the
     /// test fails) and returns the rest of its output.
     pub fn wait_exit(mut self, timeout: Duration) -> Stopped {

@@ -9,8 +9,9 @@
 //!   strict run (see [`crate::strict`]; in CI this fails the test): the test then returns
 //!   early, counted as skipped. Any other failure panics.
 //! - Helpers: an admin [`kube::Client`], Nodes with a kubelet-like `Ready` condition, `kubectl`,
-//!   the shipped RBAC (`deploy/kubernetes/rbac.yaml`) and a kubeconfig holding a token of its
-//!   service account minted with the TokenRequest API.
+//!   the shipped RBAC (`deploy/kubernetes/rbac.yaml`), manifests applied for one test (deleted
+//!   on drop), and a kubeconfig holding a token of npd's (or any) service account minted with
+//!   the TokenRequest API.
 
 use std::{
     path::{Path, PathBuf},
@@ -288,15 +289,30 @@ impl ApiServer {
     /// Applies the shipped RBAC, mints a token for npd's service account (TokenRequest API,
     /// valid one hour) and writes a kubeconfig using it. Returns the kubeconfig's path.
     pub async fn service_account_kubeconfig(&self) -> PathBuf {
-        let token = self.service_account_token().await;
-        let path = self.dir.join("npd-service-account.kubeconfig");
+        self.apply_rbac();
+        self.kubeconfig_for(SERVICE_ACCOUNT).await
+    }
+
+    /// Mints a token for the service account `account` (namespace, name), which must exist
+    /// (TokenRequest API, valid one hour), and writes a kubeconfig using it. Returns the
+    /// kubeconfig's path (`<namespace>-<name>.kubeconfig` in the cluster directory, except
+    /// for npd's own: `npd-service-account.kubeconfig`).
+    pub async fn kubeconfig_for(&self, account: (&str, &str)) -> PathBuf {
+        let token = self.token_for(account).await;
+        let file = if account == SERVICE_ACCOUNT {
+            "npd-service-account.kubeconfig".to_owned()
+        } else {
+            format!("{}-{}.kubeconfig", account.0, account.1)
+        };
+        let path = self.dir.join(file);
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    \
-             server: \"{}\"\n    certificate-authority: \"{}\"\nusers:\n- name: npd\n  user:\n    \
-             token: \"{token}\"\ncontexts:\n- name: npd\n  context:\n    cluster: test\n    \
-             user: npd\ncurrent-context: npd\n",
+             server: \"{}\"\n    certificate-authority: \"{}\"\nusers:\n- name: {user}\n  user:\n    \
+             token: \"{token}\"\ncontexts:\n- name: {user}\n  context:\n    cluster: test\n    \
+             user: {user}\ncurrent-context: {user}\n",
             self.url,
-            self.ca_file.display()
+            self.ca_file.display(),
+            user = account.1,
         );
         std::fs::write(&path, kubeconfig).expect("writing the service account kubeconfig");
         path
@@ -333,8 +349,14 @@ impl ApiServer {
     /// API, valid one hour).
     async fn service_account_token(&self) -> String {
         self.apply_rbac();
+        self.token_for(SERVICE_ACCOUNT).await
+    }
+
+    /// Mints a token for the service account `account` (namespace, name) with the
+    /// TokenRequest API, valid one hour.
+    pub async fn token_for(&self, account: (&str, &str)) -> String {
         let client = self.admin_client().await;
-        let (namespace, name) = SERVICE_ACCOUNT;
+        let (namespace, name) = account;
         let accounts: Api<ServiceAccount> = Api::namespaced(client, namespace);
         let request = TokenRequest {
             spec: Some(TokenRequestSpec {
@@ -346,11 +368,51 @@ impl ApiServer {
         let minted: TokenRequest = accounts
             .create_subresource("token", name, &PostParams::default(), &request)
             .await
-            .expect("TokenRequest for npd's service account");
+            .unwrap_or_else(|e| panic!("TokenRequest for service account {namespace}/{name}: {e}"));
         minted
             .status
             .and_then(|s| s.token)
             .expect("a token in the TokenRequest status")
+    }
+
+    /// Applies `manifest` (YAML, one or more objects) with `kubectl apply`; the objects are
+    /// deleted again when the returned guard is dropped. `name` names its file in the cluster
+    /// directory.
+    pub fn apply(&self, name: &str, manifest: &str) -> Applied {
+        let file = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, manifest)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
+        // Guarded before applying: a partly applied manifest is deleted too.
+        let applied = Applied {
+            kubeconfig: self.kubeconfig.clone(),
+            file,
+        };
+        let out = self.kubectl(&["apply", "-f", applied.file.to_str().expect("UTF-8 path")]);
+        assert!(
+            out.status.success(),
+            "kubectl apply -f {} failed:\n{}",
+            applied.file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        applied
+    }
+}
+
+/// Objects applied by [`ApiServer::apply`], deleted on drop.
+pub struct Applied {
+    kubeconfig: PathBuf,
+    file: PathBuf,
+}
+
+impl Drop for Applied {
+    fn drop(&mut self) {
+        let _ = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["delete", "--ignore-not-found", "--wait=false", "-f"])
+            .arg(&self.file)
+            .output();
+        let _ = std::fs::remove_file(&self.file);
     }
 }
 

@@ -18,8 +18,13 @@ fn hog(hog: &Path, args: &[&str]) -> ChildGuard {
 /// Makes the OOM killer of a fresh 32 MiB memory cgroup kill a hog that allocates 200 MiB.
 /// Returns the victim's pid once it is dead.
 pub fn oom_kill(hog_path: &Path) -> u32 {
-    let cgroup = MemCgroup::new(32);
-    let mut victim = hog(hog_path, &["oom", &cgroup.0.to_string_lossy(), "200"]);
+    oom_kill_in(hog_path, &MemCgroup::new(32))
+}
+
+/// Makes the OOM killer of `cgroup` (limited to less than 200 MiB: [`MemCgroup::at`]) kill a
+/// hog that joins it and allocates 200 MiB. Returns the victim's pid once it is dead.
+pub fn oom_kill_in(hog_path: &Path, cgroup: &MemCgroup) -> u32 {
+    let mut victim = hog(hog_path, &["oom", &cgroup.dir.to_string_lossy(), "200"]);
     let pid = victim.pid();
     let status = victim.wait(WAIT);
     assert_eq!(
@@ -46,6 +51,13 @@ pub struct HungWriter {
 impl HungWriter {
     /// Starts it; `warnings` is `kernel.hung_task_warnings` (0: the kernel prints nothing).
     pub fn start(hog_path: &Path, warnings: &str) -> HungWriter {
+        Self::start_in(hog_path, warnings, None)
+    }
+
+    /// [`HungWriter::start`] with the writer in `cgroup` (a directory of a cgroup hierarchy,
+    /// e.g. [`MemCgroup::dir`]) before it writes. The caller keeps the cgroup until this is
+    /// dropped (declared before it), so that the writer is reaped first.
+    pub fn start_in(hog_path: &Path, warnings: &str, cgroup: Option<&Path>) -> HungWriter {
         let dir = TempDir::new("npd-hung");
         let image = dir.join("fs.img");
         sized_file(&image, 32);
@@ -53,10 +65,11 @@ impl HungWriter {
         let dev = LoopDevice::attach(&image);
         let mount = Mount::new(&dev.path, &dir.join("mnt"));
         let frozen = Frozen::new(&mount.0);
-        let writer = hog(
-            hog_path,
-            &["write", &mount.0.join("file").to_string_lossy()],
-        );
+        let file = mount.0.join("file").to_string_lossy().into_owned();
+        let cgroup = cgroup.map(|c| c.to_string_lossy().into_owned());
+        let mut args = vec!["write", file.as_str()];
+        args.extend(cgroup.as_deref());
+        let writer = hog(hog_path, &args);
         let warnings = Sysctl::set("kernel/hung_task_warnings", warnings);
         let timeout = Sysctl::set("kernel/hung_task_timeout_secs", "2");
         HungWriter {
@@ -89,8 +102,11 @@ impl HungWriter {
 
 /// A loop device whose backing file was shrunk under it, after one failed direct read past the
 /// new end (sector 24576). Keep it until the event was checked: the device name is resolved
-/// while the device exists.
+/// while the device exists. Dropping it unmounts the file system on it (if any), then detaches
+/// the device and removes its file.
 pub struct FailedRead {
+    // Fields drop in declaration order: the mount, then the device, then its file.
+    _mount: Option<Mount>,
     /// The loop device.
     pub dev: LoopDevice,
     _dir: TempDir,
@@ -98,14 +114,42 @@ pub struct FailedRead {
 
 /// Makes one block read fail: `block_rq_error` fires once with -EIO.
 pub fn failed_read() -> FailedRead {
+    failed_read_on(None)
+}
+
+/// [`failed_read`] on a device with an ext4 file system mounted at `mount_dir` (created
+/// when missing; e.g. a pod's volume directory under kubelet's root): the file system takes
+/// the device's first 8 MiB, which the shrunk file keeps, so it stays intact and only the
+/// direct read past it fails.
+pub fn failed_read_mounted_at(mount_dir: &Path) -> FailedRead {
+    failed_read_on(Some(mount_dir))
+}
+
+fn failed_read_on(mount_dir: Option<&Path>) -> FailedRead {
     let dir = TempDir::new("npd-blk");
     let file = dir.join("disk.img");
     sized_file(&file, 16);
+    if mount_dir.is_some() {
+        run("mkfs.ext4", &["-q", "-F", &file.to_string_lossy(), "8M"]);
+    }
     let dev = LoopDevice::attach(&file);
-    sized_file(&file, 8);
+    let mut failed = FailedRead {
+        _mount: None,
+        dev,
+        _dir: dir,
+    };
+    if let Some(mount_dir) = mount_dir {
+        failed._mount = Some(Mount::new(&failed.dev.path, mount_dir));
+    }
+    // Shrunk in place: what the first 8 MiB hold stays.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_len(8 << 20))
+        .unwrap_or_else(|e| panic!("shrinking {}: {e}", file.display()));
     let out = Command::new("dd")
         .args([
-            &format!("if={}", dev.path),
+            &format!("if={}", failed.dev.path),
             "of=/dev/null",
             "bs=4k",
             "skip=3072",
@@ -115,5 +159,5 @@ pub fn failed_read() -> FailedRead {
         .output()
         .expect("running dd");
     assert!(!out.status.success(), "the read past the end should fail");
-    FailedRead { dev, _dir: dir }
+    failed
 }

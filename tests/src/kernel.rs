@@ -236,10 +236,21 @@ pub fn start_hog(cmd: &mut Command) -> ChildGuard {
     guard
 }
 
-/// A memory cgroup with a limit, removed on drop: on cgroup v2 when the host's unified
-/// hierarchy has the memory controller (Debian 12's default), else on cgroup v1's memory
-/// controller.
-pub struct MemCgroup(pub PathBuf);
+/// A memory cgroup for a test, on cgroup v2 when the host's unified hierarchy has the memory
+/// controller (Debian 12's default), else on cgroup v1's memory controller. Dropping it kills
+/// the tasks left in it and removes every directory it created (deepest first), and takes
+/// `+memory` back out of the `cgroup.subtree_control` of the existing directories where it had
+/// to put it.
+pub struct MemCgroup {
+    /// The cgroup's directory (under [`CGROUP_V2_ROOT`] or [`MEMCG_V1_ROOT`]).
+    pub dir: PathBuf,
+    /// The controller's root directory.
+    root: PathBuf,
+    /// The directories created for it, parents first (`dir` last).
+    created: Vec<PathBuf>,
+    /// Existing directories whose `cgroup.subtree_control` got `+memory` (v2), parents first.
+    enabled: Vec<PathBuf>,
+}
 
 /// Where cgroup v1's memory controller is mounted.
 pub const MEMCG_V1_ROOT: &str = "/sys/fs/cgroup/memory";
@@ -276,27 +287,68 @@ impl MemoryController {
 }
 
 impl MemCgroup {
-    /// Creates a child cgroup limited to `mib` MiB of memory (and no swap beyond it).
+    /// Creates a fresh child cgroup of the root limited to `mib` MiB of memory (and no swap
+    /// beyond it).
     pub fn new(mib: u64) -> MemCgroup {
+        MemCgroup::at(Path::new(&crate::unique("npd-test")), Some(mib))
+    }
+
+    /// Creates the cgroup at `relative` below the memory controller's root (e.g.
+    /// `kubepods/burstable/pod<uid>/<container-id>`, as kubelet lays pods out), with the
+    /// missing parents; limited to `limit_mib` MiB of memory (and no swap beyond it) when
+    /// given. The cgroup itself must not exist yet.
+    pub fn at(relative: &Path, limit_mib: Option<u64>) -> MemCgroup {
         let controller = MemoryController::detect().unwrap_or_else(|e| panic!("{e}"));
-        let limit = (mib << 20).to_string();
-        let root = match controller {
-            MemoryController::V2 => {
+        let root = PathBuf::from(match controller {
+            MemoryController::V2 => CGROUP_V2_ROOT,
+            MemoryController::V1 => MEMCG_V1_ROOT,
+        });
+        assert!(
+            relative.is_relative() && relative.components().count() > 0,
+            "a cgroup path relative to the controller's root: {}",
+            relative.display()
+        );
+        // Constructed first, so that what was done is undone if a later step panics.
+        let mut guard = MemCgroup {
+            dir: root.join(relative),
+            root: root.clone(),
+            created: Vec::new(),
+            enabled: Vec::new(),
+        };
+        let levels: Vec<_> = relative.components().collect();
+        let mut parent = root;
+        for (i, level) in levels.iter().enumerate() {
+            if controller == MemoryController::V2 {
                 // Children get the memory controller from their parent's subtree_control.
-                let control = Path::new(CGROUP_V2_ROOT).join("cgroup.subtree_control");
+                let control = parent.join("cgroup.subtree_control");
                 let enabled = std::fs::read_to_string(&control).unwrap_or_default();
                 if !enabled.split_whitespace().any(|c| c == "memory") {
                     std::fs::write(&control, "+memory").unwrap_or_else(|e| {
                         panic!("enabling memory in {}: {e}", control.display())
                     });
+                    if !guard.created.contains(&parent) {
+                        guard.enabled.push(parent.clone());
+                    }
                 }
-                Path::new(CGROUP_V2_ROOT)
             }
-            MemoryController::V1 => Path::new(MEMCG_V1_ROOT),
-        };
-        let dir = root.join(crate::unique("npd-test"));
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let guard = MemCgroup(dir);
+            let dir = parent.join(level);
+            let leaf = i + 1 == levels.len();
+            if leaf || !dir.is_dir() {
+                std::fs::create_dir(&dir)
+                    .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+                guard.created.push(dir.clone());
+            }
+            parent = dir;
+        }
+        if let Some(mib) = limit_mib {
+            guard.limit(controller, mib);
+        }
+        guard
+    }
+
+    /// Limits it to `mib` MiB of memory, and no swap beyond it.
+    fn limit(&self, controller: MemoryController, mib: u64) {
+        let limit = (mib << 20).to_string();
         let (limit_file, swap_file, swap_value) = match controller {
             MemoryController::V2 => ("memory.max", "memory.swap.max", "0".to_string()),
             MemoryController::V1 => (
@@ -305,30 +357,48 @@ impl MemCgroup {
                 limit.clone(),
             ),
         };
-        std::fs::write(guard.0.join(limit_file), &limit)
+        std::fs::write(self.dir.join(limit_file), &limit)
             .unwrap_or_else(|e| panic!("setting {limit_file}: {e}"));
         // Without swap accounting the file is absent; the limit above is enough then.
-        let swap = guard.0.join(swap_file);
+        let swap = self.dir.join(swap_file);
         if swap.exists() {
             std::fs::write(&swap, &swap_value)
                 .unwrap_or_else(|e| panic!("setting {swap_file}: {e}"));
         }
-        guard
+    }
+
+    /// Its path as the kernel names it (`/proc/<pid>/cgroup`): from the controller's root,
+    /// with a leading `/` (`/kubepods/burstable/pod<uid>/<container-id>`).
+    pub fn kernel_path(&self) -> String {
+        let relative = self.dir.strip_prefix(&self.root).expect("below the root");
+        format!("/{}", relative.display())
     }
 }
 
 impl Drop for MemCgroup {
     fn drop(&mut self) {
-        // Kill anything left in it, then remove it (rmdir fails while tasks remain).
-        if let Ok(pids) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
-            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-                // SAFETY: signalling a process the test put into its own cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+        for dir in self.created.iter().rev() {
+            // Kill anything left in it, then remove it (rmdir fails while tasks remain).
+            if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    // SAFETY: signalling a process the test put into its own cgroup.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Err(e) = std::fs::remove_dir(dir) {
+                if Instant::now() >= deadline {
+                    eprintln!("WARNING: could not remove cgroup {}: {e}", dir.display());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::remove_dir(&self.0).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+        for dir in self.enabled.iter().rev() {
+            let control = dir.join("cgroup.subtree_control");
+            if let Err(e) = std::fs::write(&control, "-memory") {
+                eprintln!("WARNING: could not restore {}: {e}", control.display());
+            }
         }
     }
 }

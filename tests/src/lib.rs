@@ -116,6 +116,15 @@ pub fn have_memory_cgroup(test: &str) -> bool {
     prerequisite(test, kernel::MemoryController::detect().map(drop))
 }
 
+/// A benchmark's setting from the environment variable `name`, else `default` (also when it
+/// does not parse).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A name unique to this process and call, for markers, cgroups and files.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -712,6 +712,8 @@ fn the_daemonset_keeps_its_privileges_mounts_probes_and_args() {
     expected.extend([
         "--address=0.0.0.0".into(),
         "--prometheus-address=0.0.0.0".into(),
+        // Pod attribution reads the host's processes and mount table.
+        "--host-proc=/host/proc".into(),
     ]);
     assert_eq!(args(&stored), expected);
     // The ConfigMap carries every default rule file, byte for byte (tabs as 4 spaces).
@@ -935,6 +937,70 @@ fn plugin_monitors_and_their_scripts_install_as_with_deliveryheros_chart() {
         yaml.contains("--config.custom-plugin-monitor=/config/my-plugin.json"),
         "{yaml}"
     );
+}
+
+/// Pod attribution, on by default, is what grants `pods list, watch` and mounts the host's
+/// `/proc` read-only; `podAttribution.enabled=false` takes both away and tells the agent.
+#[test]
+fn pod_attribution_is_the_only_reason_for_pods_access() {
+    let test = "pod_attribution_is_the_only_reason_for_pods_access";
+    if !have_helm(test) {
+        return;
+    }
+    let Some(server) = server_with_crds(test) else {
+        return;
+    };
+    let pods_rule = |stored: &[Value]| {
+        find(stored, "ClusterRole", Some("npd"))["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .find(|r| r["resources"] == json!(["pods"]))
+            .cloned()
+    };
+    let host_proc = |stored: &[Value]| {
+        let pod = &find(stored, "DaemonSet", Some("npd"))["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "host-proc")
+            .cloned();
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .expect("volumeMounts")
+            .iter()
+            .find(|m| m["name"] == "host-proc")
+            .cloned();
+        (volume, mount)
+    };
+    let on = dry_run(server, &render(&[]));
+    assert_eq!(
+        pods_rule(&on),
+        Some(json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}))
+    );
+    let (volume, mount) = host_proc(&on);
+    assert_eq!(
+        volume.expect("the host-proc volume")["hostPath"]["path"],
+        "/proc"
+    );
+    let mount = mount.expect("the host-proc mount");
+    assert_eq!(mount["mountPath"], "/host/proc");
+    assert_eq!(mount["readOnly"], true);
+    assert!(args(&on).contains(&"--host-proc=/host/proc".to_owned()));
+
+    let off = dry_run(server, &render(&["--set", "podAttribution.enabled=false"]));
+    assert_eq!(pods_rule(&off), None, "pods access without pod attribution");
+    assert_eq!(host_proc(&off), (None, None));
+    let a = args(&off);
+    assert!(a.contains(&"--pod-attribution=false".to_owned()), "{a:?}");
+    assert!(!a.iter().any(|a| a.starts_with("--host-proc")), "{a:?}");
+
+    let elsewhere = dry_run(
+        server,
+        &render(&["--set", "podAttribution.kubeletRootDir=/data/kubelet"]),
+    );
+    assert!(args(&elsewhere).contains(&"--kubelet-root-dir=/data/kubelet".to_owned()));
 }
 
 #[test]

@@ -34,13 +34,7 @@ const KERNEL_OOPS: &str =
     "BUG: unable to handle kernel NULL pointer dereference at 0000000000000000";
 
 fn stop(agent: Agent) {
-    let stopped = agent.stop();
-    assert!(
-        stopped.status.success(),
-        "agent exit: {}\n{}",
-        stopped.status,
-        stopped.stderr
-    );
+    agent.stop_cleanly();
 }
 
 /// The DockerHung line sets KernelDeadlock=True with the NPD condition-change Event; the

@@ -89,6 +89,7 @@ fn problem(reason: &str, message: &str) -> Report {
         message: message.into(),
         timestamp: SystemTime::now(),
         fields: serde_json::Map::new(),
+        pods: Vec::new(),
     })
 }
 

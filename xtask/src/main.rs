@@ -44,12 +44,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// The fuzz targets in `fuzz/fuzz_targets`.
-const FUZZ_TARGETS: [&str; 5] = [
+const FUZZ_TARGETS: [&str; 6] = [
     "replay",
     "rule_file",
     "plugin_config",
     "tracepoint_record",
     "kmsg_record",
+    "pod_attribution",
 ];
 
 #[derive(Parser)]
@@ -87,7 +88,7 @@ enum Cmd {
     },
     /// Run the benchmarks and print their numbers.
     Bench {
-        /// Only this benchmark of the tests crate (`sensor`, `perf`, `plugins`, `oom_storm`);
+        /// Only this benchmark of the tests crate (`sensor`, `perf`, `plugins`, `pods`, `oom_storm`);
         /// `perf` prints the performance table and writes target/bench/perf.json.
         only: Option<String>,
     },
@@ -550,7 +551,7 @@ fn no_skips_in_ci(skipped: &[String], ci: bool) -> anyhow::Result<()> {
 }
 
 /// The benchmarks of the tests crate, in the order `cargo xtask bench` runs them.
-const TEST_BENCHES: [&str; 4] = ["sensor", "perf", "plugins", "oom_storm"];
+const TEST_BENCHES: [&str; 5] = ["sensor", "perf", "plugins", "pods", "oom_storm"];
 
 fn bench(path: &OsString, only: Option<&str>) -> anyhow::Result<()> {
     if let Some(name) = only
@@ -567,8 +568,8 @@ fn bench(path: &OsString, only: Option<&str>) -> anyhow::Result<()> {
         run(&mut criterion)?;
     }
     // The kernel sensor, the performance table (floods, Event writes, printk cost, RSS,
-    // condition latency through a real API server), the plugin monitor (10 minutes), then the
-    // OOM storm soak.
+    // condition latency through a real API server), the plugin monitor (10 minutes), pod
+    // attribution's cost, then the OOM storm soak.
     for bench in TEST_BENCHES
         .iter()
         .filter(|b| only.is_none_or(|o| o == **b))

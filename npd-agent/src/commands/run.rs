@@ -22,6 +22,7 @@ use crate::{
     cli::RunArgs,
     engine::{Engine, PluginResult},
     enrich::Enricher,
+    event::Detail,
     exporter::{
         Exporters,
         board::ConditionBoard,
@@ -35,6 +36,7 @@ use crate::{
     logging,
     metrics::Metrics,
     plugins::{PluginMetrics, PluginRunner},
+    pods::{self, Attributor, PodCache, PodMetrics},
     problem::{Condition, Report},
     rules::{ConfigError, PluginMonitor, RuleSet, UnsupportedMonitor},
     sensor::{Batch, Sensor, SensorConfig},
@@ -180,6 +182,47 @@ async fn kubernetes_config(args: &RunArgs) -> Result<Option<K8sConfig>, K8sConfi
     Ok(Some(config))
 }
 
+/// The enrichment step: the host's `/proc`, and pod attribution (with the pods of this node
+/// watched when a cluster is configured), unless `--pod-attribution=false`.
+fn enricher(
+    args: &RunArgs,
+    kubernetes: Option<&K8sConfig>,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Enricher> {
+    let mut enricher = Enricher {
+        proc: args.host_proc.clone(),
+        ..Enricher::default()
+    };
+    if !args.pod_attribution {
+        tracing::info!(
+            "pod attribution is off (--pod-attribution=false): problems name no pod, and              npd needs no access to pods"
+        );
+        return Ok(enricher);
+    }
+    let metrics = PodMetrics::default();
+    metrics.register(registry)?;
+    let cache = match kubernetes {
+        Some(config) => {
+            let client = kube::Client::try_from(config.client.clone())
+                .context("the Kubernetes client for the pod watch")?;
+            PodCache::watch(client, &config.node_name, metrics.cached_pods.clone())
+        }
+        None => {
+            tracing::info!(
+                "pod attribution without a cluster: problems name pods by their UID and                  containers by their ID"
+            );
+            PodCache::default()
+        }
+    };
+    let paths = pods::Paths {
+        proc: args.host_proc.clone(),
+        kubelet_root: args.kubelet_root_dir.clone(),
+        dev_block: enricher.dev_block.clone(),
+    };
+    enricher.pods = Some(Attributor::new(paths, cache, metrics));
+    Ok(enricher)
+}
+
 /// Why the main loop ended.
 enum Stop {
     Signal(&'static str),
@@ -206,7 +249,14 @@ impl Pipeline {
         }
         let clock = WallClock::system();
         self.engine.set_clock(clock);
-        let reports = self.engine.handle_batch(&batch);
+        let mut reports = self.engine.handle_batch(&batch);
+        for (i, report) in &mut reports {
+            if let (Report::Event(e), Some(Detail::Log(log))) =
+                (report, batch.get(*i).map(|event| &event.detail))
+            {
+                self.enricher.attribute_report(e, &log.message).await;
+            }
+        }
         if self.kernel_events {
             let mut reports = reports.into_iter().peekable();
             for (i, event) in batch.iter().enumerate() {
@@ -323,6 +373,7 @@ async fn run(
         .or_else(|| args.hostname_override.clone())
         .or_else(|| std::env::var("NODE_NAME").ok())
         .filter(|n| !n.is_empty());
+    let enricher = enricher(&args, kubernetes.as_ref(), registry)?;
     let mut kubernetes = match kubernetes {
         Some(config) => {
             let mut handle =
@@ -399,7 +450,7 @@ async fn run(
     let mut pipeline = Pipeline {
         engine,
         exporters,
-        enricher: Enricher::default(),
+        enricher,
         kernel_events: args.kernel_events,
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -23,7 +23,7 @@ use regex::bytes::RegexSet;
 use crate::{
     conditions::ConditionManager,
     dedup::{ReportedFaults, Seen},
-    event::{Detail, EventKind, KernelEvent, PerKind},
+    event::{Detail, EventKind, KernelEvent, Owner, PerKind, PodRef},
     problem::{Condition, ConditionChange, ProblemEvent, Report, Severity},
     rules::{
         Effect, Matcher, Rule, RuleSet,
@@ -461,7 +461,7 @@ impl Engine {
             self.fire(
                 i,
                 message,
-                serde_json::Map::new(),
+                (serde_json::Map::new(), Vec::new()),
                 fault,
                 Origin::Log,
                 now,
@@ -537,12 +537,18 @@ impl Engine {
                 continue;
             }
             self.stats.rule_matches += 1;
-            let message = template.render(event);
+            let mut message = template.render(event);
+            // The pod it happened in, after NPD's message (which stays a prefix).
+            let owner = event.owner();
+            if let Some(suffix) = owner.and_then(Owner::message_suffix) {
+                message.push_str(&suffix);
+            }
+            let pods = owner.map_or_else(Vec::new, Owner::named_pods);
             let fields = structured::event_fields(event);
             self.fire(
                 i,
                 message,
-                fields,
+                (fields, pods),
                 fault.clone(),
                 Origin::Structured,
                 now,
@@ -559,7 +565,7 @@ impl Engine {
         &mut self,
         i: usize,
         mut message: String,
-        fields: serde_json::Map<String, serde_json::Value>,
+        (fields, pods): (serde_json::Map<String, serde_json::Value>, Vec<PodRef>),
         fault: Option<FaultKey>,
         origin: Origin,
         now: Mono,
@@ -609,6 +615,7 @@ impl Engine {
                     message,
                     timestamp: self.clock.wall(now),
                     fields,
+                    pods,
                 }));
             }
             Effect::Permanent { condition } => {

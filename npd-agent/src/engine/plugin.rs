@@ -138,6 +138,7 @@ impl Engine {
                 message: result.message.clone(),
                 timestamp: wall,
                 fields: serde_json::Map::new(),
+                pods: Vec::new(),
             })],
             Effect::Permanent { condition } => {
                 let first = state.unwritten.remove(&condition);

@@ -356,7 +356,8 @@ impl K8sExporter {
         );
         let events = events::EventWriter::new(
             Caller::new(&config, &shared, shutdown_rx),
-            Api::namespaced_with(client, &config.event_namespace, &resource::<Event>()),
+            client,
+            resource::<Event>(),
         );
         let mut tasks = Vec::new();
         if config.update_conditions {
@@ -402,48 +403,72 @@ impl K8sHandle {
     /// Hands a report over. Never waits on the API server: it only records the newest desired
     /// state of the condition and queues the Event, then wakes the task concerned.
     pub fn export(&self, report: &Report) {
-        let (condition, key, message, at) = match report {
+        let (condition, key, message, at, pods) = match report {
             Report::Condition(change) => {
                 let c = &change.condition;
                 let key = EventKey {
                     source: change.source.clone(),
                     type_: event_type(change.severity()),
                     reason: c.reason.clone(),
+                    pod: None,
                 };
-                (Some(c), key, condition_change_message(c), c.transition_time)
+                let message = condition_change_message(c);
+                (Some(c), key, message, c.transition_time, &[][..])
             }
             Report::Event(e) => {
                 let key = EventKey {
                     source: e.source.clone(),
                     type_: event_type(e.severity),
                     reason: e.reason.clone(),
+                    pod: None,
                 };
-                (None, key, e.message.clone(), e.timestamp)
+                (None, key, e.message.clone(), e.timestamp, &e.pods[..])
             }
         };
         let condition = condition.filter(|_| self.update_conditions);
-        let pushed = {
+        let pushed: Vec<Pushed> = {
             let mut pending = self.shared.lock();
             if let Some(c) = condition {
                 pending.conditions.insert(c.type_.clone(), c.clone());
             }
-            self.write_events
-                .then(|| pending.events.push(key, message, at))
+            if self.write_events {
+                // The same Event on each pod it happened in, so `kubectl describe pod`
+                // shows it, then on the Node.
+                let on_pods: Vec<EventKey> = pods
+                    .iter()
+                    .map(|pod| EventKey {
+                        pod: Some(pod.clone()),
+                        ..key.clone()
+                    })
+                    .collect();
+                let mut pushed: Vec<Pushed> = on_pods
+                    .into_iter()
+                    .map(|k| pending.events.push(k, message.clone(), at))
+                    .collect();
+                pushed.push(pending.events.push(key, message, at));
+                pushed
+            } else {
+                Vec::new()
+            }
         };
         if condition.is_some() {
             self.shared.conditions_changed.notify_one();
         }
-        let Some(pushed) = pushed else { return };
+        if pushed.is_empty() {
+            return;
+        }
         let c = &self.shared.counters;
-        c.events_received.inc();
-        if pushed == Pushed::Dropped {
-            c.events_dropped_queue_full.inc();
-            if let Some(held_back) = QUEUE_FULL.allow() {
-                tracing::warn!(
-                    held_back,
-                    dropped = c.events_dropped_queue_full.get(),
-                    "Kubernetes Event queue full: Events dropped (counted)"
-                );
+        for pushed in pushed {
+            c.events_received.inc();
+            if pushed == Pushed::Dropped {
+                c.events_dropped_queue_full.inc();
+                if let Some(held_back) = QUEUE_FULL.allow() {
+                    tracing::warn!(
+                        held_back,
+                        dropped = c.events_dropped_queue_full.get(),
+                        "Kubernetes Event queue full: Events dropped (counted)"
+                    );
+                }
             }
         }
         self.shared.events_queued.notify_one();

@@ -146,6 +146,7 @@ mod tests {
                 .into(),
             timestamp: SystemTime::UNIX_EPOCH,
             fields: serde_json::Map::new(),
+            pods: Vec::new(),
         })
     }
 

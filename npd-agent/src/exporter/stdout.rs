@@ -298,6 +298,7 @@ mod tests {
             message: "BUG: x".into(),
             timestamp: std::time::SystemTime::UNIX_EPOCH,
             fields: serde_json::Map::new(),
+            pods: Vec::new(),
         })
     }
 

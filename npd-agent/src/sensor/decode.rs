@@ -182,6 +182,7 @@ fn decode_detail(
             Ok(Detail::HungTask(HungTask {
                 pid: l.pid.read_i64(data)? as i32,
                 comm: l.comm.read_string(data)?,
+                owner: None,
             }))
         }
         RecordKind::OomVictim => {
@@ -202,6 +203,7 @@ fn decode_detail(
                     .map(|f| f.read_i64(data))
                     .transpose()?
                     .map(|v| v as i16),
+                owner: None,
             }))
         }
         RecordKind::BlockError | RecordKind::BlockComplete => {
@@ -216,6 +218,7 @@ fn decode_detail(
                 op: BlockOp::from_rwbs(&rwbs),
                 rwbs,
                 error: l.error.read_i64(data)? as i32,
+                owner: None,
             }))
         }
     }
@@ -388,7 +391,8 @@ mod tests {
                 ev,
                 Detail::HungTask(HungTask {
                     pid: 4242,
-                    comm: "writer".into()
+                    comm: "writer".into(),
+                    owner: None,
                 }),
                 "{kernel}"
             );
@@ -445,6 +449,7 @@ mod tests {
                 shmem_rss_kb: Some(1),
                 pgtables_kb: Some(4),
                 oom_score_adj: Some(-17),
+                owner: None,
             })
         );
     }
@@ -479,6 +484,7 @@ mod tests {
                     op: BlockOp::Read,
                     rwbs: "R".into(),
                     error: -5,
+                    owner: None,
                 }),
                 "{kernel}"
             );

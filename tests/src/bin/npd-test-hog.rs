@@ -3,7 +3,8 @@
 //!
 //! * `npd-test-hog oom CGROUP_DIR MIB`: joins the memory cgroup, then allocates and touches
 //!   MIB MiB (the cgroup's OOM killer kills it).
-//! * `npd-test-hog write FILE`: writes to FILE (blocks in D state on a frozen file system).
+//! * `npd-test-hog write FILE [CGROUP_DIR]`: joins the cgroup when one is given (a pod's
+//!   container cgroup), then writes to FILE (blocks in D state on a frozen file system).
 //! * `npd-test-hog storm CGROUP_DIR RATE SECONDS`: an OOM storm. For SECONDS it forks RATE
 //!   children a second (at most [`STORM_LIVE`] alive at once), each of which joins the memory
 //!   cgroup and allocates until the cgroup's OOM killer kills it. At the end it prints one JSON
@@ -33,9 +34,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("oom") if args.len() == 4 => {
-            let procs = std::path::Path::new(&args[2]).join("cgroup.procs");
-            std::fs::write(&procs, std::process::id().to_string())
-                .unwrap_or_else(|e| fail(&format!("joining {}: {e}", procs.display())));
+            join_cgroup(&args[2]);
             let mib: usize = args[3]
                 .parse()
                 .unwrap_or_else(|_| fail("MIB is not a number"));
@@ -49,7 +48,10 @@ fn main() {
             println!("allocated {} MiB without being killed", chunks.len());
             std::process::exit(3);
         }
-        Some("write") if args.len() == 3 => {
+        Some("write") if args.len() == 3 || args.len() == 4 => {
+            if let Some(cgroup) = args.get(3) {
+                join_cgroup(cgroup);
+            }
             println!("ready");
             let _ = std::io::stdout().flush();
             std::fs::write(&args[2], b"npd hung task test\n")
@@ -76,8 +78,8 @@ fn main() {
             }
         }
         _ => fail(
-            "usage: npd-test-hog oom CGROUP_DIR MIB | write FILE | storm CGROUP_DIR RATE SECONDS \
-             | kmsg FILE | corpus SEED",
+            "usage: npd-test-hog oom CGROUP_DIR MIB | write FILE [CGROUP_DIR] \
+             | storm CGROUP_DIR RATE SECONDS | kmsg FILE | corpus SEED",
         ),
     }
 }
@@ -200,6 +202,13 @@ fn storm(cgroup: &str, rate: u32, duration: Duration) -> ! {
         start.elapsed().as_secs_f64()
     );
     std::process::exit(0);
+}
+
+/// Moves this process into the cgroup at `dir`.
+fn join_cgroup(dir: &str) {
+    let procs = std::path::Path::new(dir).join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .unwrap_or_else(|e| fail(&format!("joining {}: {e}", procs.display())));
 }
 
 fn fail(msg: &str) -> ! {

@@ -1,14 +1,15 @@
-//! The Event task: posts core/v1 Events about the Node, and updates the one already posted for
-//! the repeats of its reason. See the parent module for the error classes.
+//! The Event task: posts core/v1 Events about the Node (and about the pods problems happened
+//! in, in their namespaces), and updates the one already posted for the repeats of its reason.
+//! See the parent module for the error classes.
 
 use k8s_openapi::{
     api::core::v1::{Event, EventSource, ObjectReference},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
-    Api,
+    Api, Client,
     api::{Patch, PatchParams, PostParams},
-    core::DynamicObject,
+    core::{ApiResource, DynamicObject},
 };
 use tokio::time::Instant;
 
@@ -16,7 +17,7 @@ use crate::logging::{LOG_INTERVAL, LogLimiter};
 
 use super::{
     ApiCall, CallError, Caller, ErrorClass, FIELD_MANAGER, k8s_time,
-    state::{PendingEvent, PostedEvents},
+    state::{EventKey, PendingEvent, PostedEvents},
 };
 
 /// The `problems` key of this task.
@@ -26,6 +27,9 @@ static REJECTED: LogLimiter = LogLimiter::new(LOG_INTERVAL, 10);
 
 pub(super) struct EventWriter {
     caller: Caller,
+    client: Client,
+    resource: ApiResource,
+    /// Events in the Events' namespace (`--event-namespace`), about the Node.
     events: Api<DynamicObject>,
     posted: PostedEvents,
     /// For unique, increasing Event names.
@@ -35,10 +39,14 @@ pub(super) struct EventWriter {
 }
 
 impl EventWriter {
-    pub(super) fn new(caller: Caller, events: Api<DynamicObject>) -> Self {
+    pub(super) fn new(caller: Caller, client: Client, resource: ApiResource) -> Self {
+        let events =
+            Api::namespaced_with(client.clone(), &caller.config.event_namespace, &resource);
         EventWriter {
             posted: PostedEvents::new(caller.config.event_aggregation_window),
             caller,
+            client,
+            resource,
             events,
             last_event_nanos: 0,
             forbidden_since: None,
@@ -191,7 +199,7 @@ impl EventWriter {
         let name = match &event.name {
             Some(name) => name.clone(),
             None => {
-                let name = self.event_name(first);
+                let name = self.event_name(&event.key, first);
                 event.name = Some(name.clone());
                 name
             }
@@ -201,9 +209,10 @@ impl EventWriter {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
+        let events = self.api(&event.key);
         let created = self
             .caller
-            .call(ApiCall::CreateEvent, self.events.create(&params, &body))
+            .call(ApiCall::CreateEvent, events.create(&params, &body))
             .await;
         match created {
             Ok(_) => {}
@@ -237,33 +246,60 @@ impl EventWriter {
         self.caller
             .call(
                 ApiCall::PatchEvent,
-                self.events.patch(name, &params, &patch),
+                self.api(&event.key).patch(name, &params, &patch),
             )
             .await
             .map(drop)
     }
 
+    /// Where the Event with `key` lives: the pod's namespace for an Event about a pod, else
+    /// `--event-namespace`.
+    fn api(&self, key: &EventKey) -> Api<DynamicObject> {
+        match key.pod.as_ref().and_then(|p| p.namespace.as_deref()) {
+            Some(namespace) => Api::namespaced_with(self.client.clone(), namespace, &self.resource),
+            None => self.events.clone(),
+        }
+    }
+
     fn body(&self, name: &str, event: &PendingEvent) -> Result<DynamicObject, CallError> {
         let config = &self.caller.config;
         let node = &config.node_name;
-        let event = Event {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                namespace: Some(config.event_namespace.clone()),
-                ..Default::default()
-            },
+        let (namespace, involved_object) = match &event.key.pod {
+            // As kubelet references a pod: in its namespace, with its UID.
+            Some(pod) => (
+                pod.namespace.clone().unwrap_or_default(),
+                ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                    uid: Some(pod.uid.clone()),
+                    ..Default::default()
+                },
+            ),
             // As kubelet and NPD reference the Node: its uid is its name, which is what
             // `kubectl describe node` looks for. Outside `default`, the reference carries the
             // Events' namespace, which the API server requires of such Events.
-            involved_object: ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(node.clone()),
-                uid: Some(node.clone()),
-                namespace: (config.event_namespace != "default")
-                    .then(|| config.event_namespace.clone()),
+            None => (
+                config.event_namespace.clone(),
+                ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Node".into()),
+                    name: Some(node.clone()),
+                    uid: Some(node.clone()),
+                    namespace: (config.event_namespace != "default")
+                        .then(|| config.event_namespace.clone()),
+                    ..Default::default()
+                },
+            ),
+        };
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some(namespace),
                 ..Default::default()
             },
+            involved_object,
             reason: Some(event.key.reason.clone()),
             message: Some(event.display_message()),
             type_: Some(event.key.type_.into()),
@@ -282,16 +318,18 @@ impl EventWriter {
         Ok(serde_json::from_value(body).map_err(kube::Error::SerdeError)?)
     }
 
-    /// `<node>.<hex nanoseconds of the first occurrence>`, as client-go's recorder names
-    /// Events; strictly increasing.
-    fn event_name(&mut self, first: std::time::SystemTime) -> String {
+    /// `<object>.<hex nanoseconds of the first occurrence>` (the object: the Node, or the
+    /// pod), as client-go's recorder names Events; strictly increasing.
+    fn event_name(&mut self, key: &EventKey, first: std::time::SystemTime) -> String {
         let nanos = first
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         self.last_event_nanos = nanos.max(self.last_event_nanos + 1);
-        format!(
-            "{}.{:x}",
-            self.caller.config.node_name, self.last_event_nanos
-        )
+        let object = key
+            .pod
+            .as_ref()
+            .and_then(|p| p.name.as_deref())
+            .unwrap_or(&self.caller.config.node_name);
+        format!("{object}.{:x}", self.last_event_nanos)
     }
 }

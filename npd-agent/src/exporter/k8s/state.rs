@@ -13,7 +13,10 @@ use tokio::time::Instant;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use prometheus::IntGauge;
 
-use crate::problem::{Condition, ConditionStatus};
+use crate::{
+    event::PodRef,
+    problem::{Condition, ConditionStatus},
+};
 
 /// What matters of a condition for deciding whether the Node must be written: status, reason
 /// and message (the transition time follows them).
@@ -172,7 +175,7 @@ pub(super) fn conditions_owned_only_by(node: &ObjectMeta, manager: &str) -> Vec<
 }
 
 /// What identifies repeats of one Event: the same source, type and reason about the same
-/// object (npd's Events are all about its Node). Distinct faults of one reason (two OOM
+/// object (its Node, or a pod a problem happened in). Distinct faults of one reason (two OOM
 /// victims, two failed sectors) are repeats too: one Event with their `count`, whose message
 /// is the newest one, as Kubernetes' own event correlator aggregates similar events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -182,6 +185,8 @@ pub(super) struct EventKey {
     /// Event `type`: `Warning` or `Normal`.
     pub(super) type_: &'static str,
     pub(super) reason: String,
+    /// The pod the Event is about (in the pod's namespace); `None`: the Node.
+    pub(super) pod: Option<PodRef>,
 }
 
 /// Kubernetes' prefix for the message of an Event that aggregates similar ones.
@@ -553,6 +558,7 @@ mod tests {
             source: "kernel-monitor".into(),
             type_: "Warning",
             reason: reason.into(),
+            pod: None,
         }
     }
 
