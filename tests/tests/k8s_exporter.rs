@@ -226,10 +226,24 @@ async fn shipped_role_allows_what_npd_needs_and_nothing_else() {
         "deleting the node",
         nodes.delete(name, &Default::default()).await.map(drop),
     );
+    // Pod attribution watches pods (list, watch); nothing more of pods, and no secrets.
     let pods: Api<Pod> = Api::all(npd.clone());
+    pods.list(&ListParams::default())
+        .await
+        .expect("pods list is allowed (pod attribution)");
+    let in_default: Api<Pod> = Api::namespaced(npd.clone(), "default");
+    forbidden("reading a pod", in_default.get("anything").await.map(drop));
     forbidden(
-        "listing pods",
-        pods.list(&ListParams::default()).await.map(drop),
+        "deleting a pod",
+        in_default
+            .delete("anything", &Default::default())
+            .await
+            .map(drop),
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::all(npd.clone());
+    forbidden(
+        "listing secrets",
+        secrets.list(&ListParams::default()).await.map(drop),
     );
     let events: Api<Event> = Api::namespaced(npd, "default");
     forbidden(

@@ -398,6 +398,56 @@ fn a_process_outside_any_pod_gets_no_pod() {
     );
 }
 
+/// An OOM kill in a Pod whose namespace is being deleted (the API server then refuses every
+/// new object in it, the Pod's Event included, with 403): the Node's OOMKilling Event still
+/// names the pod, the refused Pod Event is dropped and counted (said once in the log), and it
+/// never holds up the Node's Events nor makes the agent unhealthy.
+#[test]
+fn a_pod_event_refused_in_a_terminating_namespace_holds_up_nothing() {
+    pod_test(
+        "a_pod_event_refused_in_a_terminating_namespace_holds_up_nothing",
+        "npd-pods-terminating",
+        true,
+        async |setup| {
+            let node = &setup.node;
+            let pod = node.create_pod(&setup.namespace, "web").await;
+            let health_port = npd_tests::http::free_port();
+            let agent = start_agent(node, &["--port", &health_port.to_string()]).await;
+            // No namespace controller here: the namespace stays Terminating, its Pod stays.
+            let out =
+                setup
+                    .server
+                    .kubectl(&["delete", "namespace", &setup.namespace, "--wait=false"]);
+            assert!(out.status.success(), "{out:?}");
+            let cgroup = MemCgroup::at(&container_cgroup(Driver::Cgroupfs, &pod), Some(32));
+            let pid = faults::oom_kill_in(hog(), &cgroup);
+
+            let victim = killed(pid);
+            let on_node = node
+                .wait_event("OOMKilling", &victim, |m| m.contains(&victim))
+                .await;
+            let message = on_node.message.unwrap_or_default();
+            assert!(
+                message.ends_with(&format!("; pod {}/web, container app", setup.namespace)),
+                "{message}"
+            );
+            // Later Node Events are posted, and the agent stays healthy.
+            node.barrier().await;
+            let health = npd_tests::http::get(([127, 0, 0, 1], health_port).into(), "/healthz")
+                .expect("GET /healthz");
+            assert_eq!(health.status, 200, "{}", health.body);
+            assert!(
+                pod_events_mentioning(node, &format!("{victim} "))
+                    .await
+                    .is_empty(),
+                "a Pod Event in a namespace being deleted"
+            );
+            let stderr = stop(agent);
+            assert!(stderr.contains("about a pod, refused"), "{stderr}");
+        },
+    );
+}
+
 /// An OOM kill in the container cgroup of a Pod the API server no longer has (deleted before
 /// the agent started, so its cache never had it): the oom_kill line names the pod and the
 /// container by what the cgroup path says only (`{"uid":..}`, `{"id":..}`), the Node's

@@ -127,6 +127,12 @@ impl EventWriter {
 
     async fn on_error(&mut self, event: PendingEvent, err: &CallError) {
         match err.class() {
+            // An Event about a pod is refused for reasons of its namespace (being deleted: 403;
+            // gone: 404), not of npd's access: dropped and counted, never held in line before
+            // the Node's Events, and never a reason to be unhealthy.
+            ErrorClass::Forbidden | ErrorClass::NotFound if event.key.pod.is_some() => {
+                self.rejected(&event, err, "about a pod, refused; dropped (not retried)");
+            }
             ErrorClass::Transient => {
                 self.caller.shared.lock().events.requeue(event);
                 self.caller.failed("posting an Event", err).await;
