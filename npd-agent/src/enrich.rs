@@ -68,9 +68,7 @@ impl Enricher {
             }
         }
     }
-}
 
-impl Enricher {
     /// Names the pod of a report a log rule made from the kernel's text of a fault (`message`):
     /// a hung task's or an OOM victim's by its pid, a failed block request's by its device.
     /// The kernel prints some faults before their tracepoint fires (6.x prints a failed

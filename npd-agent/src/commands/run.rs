@@ -195,7 +195,8 @@ fn enricher(
     };
     if !args.pod_attribution {
         tracing::info!(
-            "pod attribution is off (--pod-attribution=false): problems name no pod, and              npd needs no access to pods"
+            "pod attribution is off (--pod-attribution=false): problems name no pod, and \
+             npd needs no access to pods"
         );
         return Ok(enricher);
     }
@@ -209,7 +210,8 @@ fn enricher(
         }
         None => {
             tracing::info!(
-                "pod attribution without a cluster: problems name pods by their UID and                  containers by their ID"
+                "pod attribution without a cluster: problems name pods by their UID and \
+                 containers by their ID"
             );
             PodCache::default()
         }
