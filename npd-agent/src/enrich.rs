@@ -48,10 +48,12 @@ impl Enricher {
             && b.device.is_none()
         {
             let (root, dev) = (self.dev_block.clone(), b.dev);
-            b.device = tokio::task::spawn_blocking(move || blockdev::device_name(&root, dev))
-                .await
-                .ok()
-                .flatten();
+            let partitions = self.proc.join("partitions");
+            b.device =
+                tokio::task::spawn_blocking(move || blockdev::device_name(&root, &partitions, dev))
+                    .await
+                    .ok()
+                    .flatten();
         }
         if let Detail::OomKill(o) = &mut event.detail
             && o.comm.is_none()
