@@ -7,7 +7,8 @@
 //! Prints the agent's CPU over the storm, its RSS before and after, the kills made against
 //! the kills it counted (`problem_counter{reason="OOMKilling"}`, and the `count` of the
 //! OOMKilling Event on the Node), and the Event writes it made per second. Each figure is
-//! printed beside its target; numbers, not assertions.
+//! printed beside its target; numbers, not assertions. `POD_ATTRIBUTION=false` runs the agent
+//! with `--pod-attribution=false`, to see what attribution costs in a storm.
 
 use std::{
     net::SocketAddr,
@@ -39,12 +40,13 @@ fn main() {
     };
     let rate = env_or("OOM_RATE", 80u64);
     let secs = env_or("OOM_SECONDS", 180u64);
+    let attribution = env_or("POD_ATTRIBUTION", true);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime")
-        .block_on(bench(&server, rate, secs));
+        .block_on(bench(&server, rate, secs, attribution));
 }
 
 /// The storm's own account of its children.
@@ -85,7 +87,7 @@ fn storm(rate: u64, secs: u64) -> StormResult {
     }
 }
 
-async fn bench(server: &ApiServer, rate: u64, secs: u64) {
+async fn bench(server: &ApiServer, rate: u64, secs: u64, attribution: bool) {
     server.create_node(NODE).await;
     let kubeconfig = server.service_account_kubeconfig().await;
     let admin = server.admin_client().await;
@@ -103,6 +105,7 @@ async fn bench(server: &ApiServer, rate: u64, secs: u64) {
         "0",
         "--prometheus-port",
         &port.to_string(),
+        &format!("--pod-attribution={attribution}"),
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !nodes
@@ -178,8 +181,12 @@ async fn bench(server: &ApiServer, rate: u64, secs: u64) {
     let verdict = |ok: bool| if ok { "met" } else { "NOT MET" };
     println!(
         "\nnpd OOM storm soak: {} kills in {:.0} s ({per_min:.0}/min; {} forked, {} other exits), \
-         real agent, real kube-apiserver on loopback",
-        storm.oom_killed, storm.seconds, storm.forked, storm.other_exits
+         real agent, real kube-apiserver on loopback, pod attribution {}",
+        storm.oom_killed,
+        storm.seconds,
+        storm.forked,
+        storm.other_exits,
+        if attribution { "on" } else { "off" }
     );
     println!(
         "{:<44} {:>18} {:>22} {:>8}",
