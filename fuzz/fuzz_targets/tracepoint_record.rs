@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use npd_agent::sensor::{
-    decode::{Layouts, decode},
+    decode::{Layouts, decode_record},
     format::TracepointFormat,
 };
 use npd_common::{HEADER_LEN, RecordKind};
@@ -60,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let kernel = &layouts()[usize::from(choice & 0x7) % KERNELS.len()];
     if choice & 0x80 != 0 {
-        let _ = decode(rest, kernel);
+        let _ = decode_record(rest, kernel);
         return;
     }
     let kinds = RecordKind::ALL;
@@ -77,5 +77,5 @@ fuzz_target!(|data: &[u8]| {
         record.extend_from_slice(&word.to_ne_bytes());
     }
     record.extend_from_slice(rest);
-    let _ = decode(&record, kernel);
+    let _ = decode_record(&record, kernel);
 });

@@ -402,6 +402,7 @@ fn oom_kill_is_one_problem() {
         shmem_rss_kb: Some(0),
         pgtables_kb: Some(2092),
         oom_score_adj: Some(0),
+        memcg: None,
         owner: None,
     });
     let out = engine.handle(&at(t(1), &oom));

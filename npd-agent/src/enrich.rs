@@ -227,6 +227,7 @@ mod tests {
                 shmem_rss_kb: Some(372),
                 pgtables_kb: Some(96),
                 oom_score_adj: Some(-17),
+                memcg: None,
                 owner: None,
             })
         );

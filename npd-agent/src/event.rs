@@ -600,6 +600,9 @@ pub struct OomKill {
     pub pgtables_kb: Option<u64>,
     /// The victim's oom_score_adj.
     pub oom_score_adj: Option<i16>,
+    /// The victim's memory cgroup as the kernel walked it when it marked the victim (kernels
+    /// whose `mark_victim` passes the task; see `sensor::btf`). Pod attribution's first source.
+    pub memcg: Option<String>,
     /// Its cgroup, pod and container (see [`Owner`]), when attribution found them.
     pub owner: Option<Box<Owner>>,
 }
@@ -864,6 +867,7 @@ mod tests {
             pid: 9,
             comm: Some("x".into()),
             oom_score_adj: Some(-1000),
+            memcg: None,
             ..OomKill::default()
         });
         assert_eq!(

@@ -11,6 +11,11 @@
 //!   record, exactly as the kernel laid it out. The agent decodes them with the field offsets of
 //!   the running kernel's tracepoint `format` file, so nothing here depends on one kernel's layout.
 //!
+//! * [`RecordKind::VictimCgroup`]: a [`VictimCgroupRecord`], the memory cgroup of an OOM victim
+//!   as the kernel's own cgroup tree names it, walked from the task at `oom:mark_victim` (a raw
+//!   tracepoint program, on kernels whose `mark_victim` passes the task). It is written just
+//!   before the victim's [`RecordKind::OomVictim`] record.
+//!
 //! The layout is `#[repr(C)]` with no implicit padding: the same bytes mean the same thing on
 //! both sides.
 #![no_std]
@@ -35,16 +40,19 @@ pub enum RecordKind {
     BlockError = 4,
     /// `block:block_rq_complete` with a non-zero error (kernels without `block_rq_error`).
     BlockComplete = 5,
+    /// The memory cgroup of an OOM victim (raw tracepoint `mark_victim`).
+    VictimCgroup = 6,
 }
 
 impl RecordKind {
     /// All kinds, in counter-slot order.
-    pub const ALL: [RecordKind; 5] = [
+    pub const ALL: [RecordKind; 6] = [
         RecordKind::Console,
         RecordKind::HungTask,
         RecordKind::OomVictim,
         RecordKind::BlockError,
         RecordKind::BlockComplete,
+        RecordKind::VictimCgroup,
     ];
 
     /// The kind for a raw header value, if it is one we know.
@@ -55,6 +63,7 @@ impl RecordKind {
             3 => Some(Self::OomVictim),
             4 => Some(Self::BlockError),
             5 => Some(Self::BlockComplete),
+            6 => Some(Self::VictimCgroup),
             _ => None,
         }
     }
@@ -101,6 +110,69 @@ pub struct RawRecord {
     pub data: [u8; RAW_RECORD_MAX],
 }
 
+/// The longest cgroup directory name a [`VictimCgroupRecord`] carries whole, with its NUL.
+pub const CGROUP_NAME_MAX: usize = 128;
+
+/// How many levels of the cgroup tree a [`VictimCgroupRecord`] carries, the root included.
+pub const CGROUP_DEPTH_MAX: usize = 12;
+
+/// An OOM victim's memory cgroup: the names of its cgroup's directories from the cgroup up to
+/// the root of its hierarchy (the root's name is empty). The agent uses it only when
+/// `complete` is 1: the walk reached the root and no name was cut.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VictimCgroupRecord {
+    /// The header.
+    pub header: RecordHeader,
+    /// The victim's pid (`task_struct.pid`, as `oom:mark_victim` reports it).
+    pub pid: i32,
+    /// How many entries of `names` are filled, the cgroup's own first.
+    pub depth: u32,
+    /// 1 when the walk reached the root and every name fit.
+    pub complete: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// NUL-terminated names, the cgroup's own first.
+    pub names: [[u8; CGROUP_NAME_MAX]; CGROUP_DEPTH_MAX],
+}
+
+/// Where the victim's memory cgroup is in kernel memory, from the running kernel's BTF: byte
+/// offsets, each [`ProgramConfig::UNKNOWN`] until known.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupWalk {
+    /// `task_struct.pid`.
+    pub task_pid: u32,
+    /// `task_struct.cgroups` (a `struct css_set *`).
+    pub task_cgroups: u32,
+    /// `css_set.subsys[memory_cgrp_id]` (a `struct cgroup_subsys_state *`).
+    pub css_set_memory: u32,
+    /// `cgroup_subsys_state.cgroup`.
+    pub css_cgroup: u32,
+    /// `cgroup.kn` (a `struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `kernfs_node.name`.
+    pub kn_name: u32,
+    /// `kernfs_node.parent` (`__parent` since 6.15).
+    pub kn_parent: u32,
+}
+
+impl CgroupWalk {
+    /// Nothing known: the program is not attached.
+    pub const fn unknown() -> Self {
+        let u = ProgramConfig::UNKNOWN;
+        Self {
+            task_pid: u,
+            task_cgroups: u,
+            css_set_memory: u,
+            css_cgroup: u,
+            cgroup_kn: u,
+            kn_name: u,
+            kn_parent: u,
+        }
+    }
+}
+
 /// Why a record could not be delivered; with [`RecordKind`] it selects a loss counter.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +204,8 @@ pub struct ProgramConfig {
     /// Offset of `block:block_rq_complete`'s `int error` field (used only on kernels without
     /// `block_rq_error`).
     pub block_complete_error_offset: u32,
+    /// Where an OOM victim's memory cgroup is (read off the kernel's BTF, not a `format` file).
+    pub cgroup_walk: CgroupWalk,
 }
 
 impl ProgramConfig {
@@ -143,6 +217,7 @@ impl ProgramConfig {
         Self {
             console_msg_loc_offset: Self::UNKNOWN,
             block_complete_error_offset: Self::UNKNOWN,
+            cgroup_walk: CgroupWalk::unknown(),
         }
     }
 }
@@ -164,7 +239,11 @@ mod tests {
         assert_eq!(HEADER_LEN, 24);
         assert_eq!(core::mem::size_of::<ConsoleRecord>(), 24 + CONSOLE_TEXT_MAX);
         assert_eq!(core::mem::size_of::<RawRecord>(), 24 + RAW_RECORD_MAX);
-        assert_eq!(core::mem::size_of::<ProgramConfig>(), 8);
+        assert_eq!(core::mem::size_of::<ProgramConfig>(), 8 + 7 * 4);
+        assert_eq!(
+            core::mem::size_of::<VictimCgroupRecord>(),
+            24 + 16 + CGROUP_NAME_MAX * CGROUP_DEPTH_MAX
+        );
     }
 
     #[test]

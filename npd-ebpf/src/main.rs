@@ -15,15 +15,19 @@ use core::{ffi::c_void, mem::size_of, ptr};
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::generated::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{map, tracepoint},
+    helpers::generated::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str,
+    },
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use npd_common::{
-    CONSOLE_TEXT_MAX, ConsoleRecord, HEADER_LEN, LOSS_SLOTS, LossReason, ProgramConfig,
-    RAW_RECORD_MAX, RawRecord, RecordHeader, RecordKind, loss_slot,
+    CGROUP_DEPTH_MAX, CGROUP_NAME_MAX, CONSOLE_TEXT_MAX, ConsoleRecord, HEADER_LEN, LOSS_SLOTS,
+    LossReason, ProgramConfig, RAW_RECORD_MAX, RawRecord, RecordHeader, RecordKind,
+    VictimCgroupRecord, loss_slot,
 };
 
 /// The one ring buffer every program writes into. The agent may resize it at load time.
@@ -211,6 +215,132 @@ pub fn mark_victim(ctx: TracePointContext) -> u32 {
         RecordKind::OomVictim,
         emit_raw(&ctx, RecordKind::OomVictim),
     )
+}
+
+/// Largest kernel struct member offset we accept from [`CONFIG`] (`task_struct` is the largest
+/// struct read, under 16 KiB).
+const MAX_MEMBER_OFFSET: u32 = 64 * 1024;
+
+/// Raw tracepoint `mark_victim` (kernels whose `mark_victim` passes the victim's task): the
+/// victim's memory cgroup, as the names of its cgroup's directories up to the root. Attached
+/// before `oom:mark_victim`, so this record comes just before the victim's. The agent reads
+/// the same cgroup from `/proc/<pid>/cgroup` where this program is not attached; here it costs
+/// no wait on the victim's task lock, which the kernel holds while it prints the kill.
+#[raw_tracepoint(tracepoint = "mark_victim")]
+pub fn victim_cgroup(ctx: RawTracePointContext) -> i32 {
+    if let Err(reason) = try_victim_cgroup(&ctx) {
+        count_loss(RecordKind::VictimCgroup, reason);
+    }
+    0
+}
+
+/// Reads the pointer at `base + offset` in kernel memory.
+fn read_pointer(base: u64, offset: u32) -> Result<u64, LossReason> {
+    if base == 0 || offset > MAX_MEMBER_OFFSET {
+        return Err(LossReason::ReadError);
+    }
+    let mut value: u64 = 0;
+    // SAFETY: `value` is 8 writable bytes; the helper checks the source itself.
+    unsafe {
+        read_kernel(
+            ptr::addr_of_mut!(value).cast::<u8>(),
+            8,
+            (base + u64::from(offset)) as *const u8,
+        )?
+    };
+    Ok(value)
+}
+
+fn try_victim_cgroup(ctx: &RawTracePointContext) -> Result<(), LossReason> {
+    let walk = config().cgroup_walk;
+    let task: u64 = ctx.arg(0);
+    let mut entry = EVENTS
+        .reserve::<VictimCgroupRecord>(0)
+        .ok_or(LossReason::RingFull)?;
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` is a reserved, writable VictimCgroupRecord.
+    match unsafe { fill_victim_cgroup(record, task, &walk) } {
+        Ok(()) => {
+            entry.submit(0);
+            Ok(())
+        }
+        Err(reason) => {
+            entry.discard(0);
+            Err(reason)
+        }
+    }
+}
+
+/// Walks from the task to its memory cgroup's kernfs node, then up to the root, copying each
+/// directory name.
+///
+/// # Safety
+/// `record` must point at a writable `VictimCgroupRecord`.
+unsafe fn fill_victim_cgroup(
+    record: *mut VictimCgroupRecord,
+    task: u64,
+    walk: &npd_common::CgroupWalk,
+) -> Result<(), LossReason> {
+    if task == 0 || walk.task_pid > MAX_MEMBER_OFFSET {
+        return Err(LossReason::ReadError);
+    }
+    let mut pid: i32 = 0;
+    // SAFETY: `pid` is 4 writable bytes; the helper checks the source.
+    unsafe {
+        read_kernel(
+            ptr::addr_of_mut!(pid).cast::<u8>(),
+            4,
+            (task + u64::from(walk.task_pid)) as *const u8,
+        )?
+    };
+    let css_set = read_pointer(task, walk.task_cgroups)?;
+    let css = read_pointer(css_set, walk.css_set_memory)?;
+    let cgroup = read_pointer(css, walk.css_cgroup)?;
+    let mut kn = read_pointer(cgroup, walk.cgroup_kn)?;
+    let mut depth: u32 = 0;
+    let mut complete: u32 = 0;
+    let mut whole = true;
+    for level in 0..CGROUP_DEPTH_MAX {
+        let name = read_pointer(kn, walk.kn_name)?;
+        // SAFETY: `level < CGROUP_DEPTH_MAX`: the slot is inside the record.
+        let slot = unsafe { ptr::addr_of_mut!((*record).names[level]) }.cast::<u8>();
+        // SAFETY: the slot is CGROUP_NAME_MAX writable bytes; the helper checks the source.
+        let copied = unsafe {
+            bpf_probe_read_kernel_str(
+                slot.cast::<c_void>(),
+                CGROUP_NAME_MAX as u32,
+                name as *const c_void,
+            )
+        };
+        if copied < 0 {
+            return Err(LossReason::ReadError);
+        }
+        // A name that filled the slot may have been cut.
+        if copied as usize >= CGROUP_NAME_MAX {
+            whole = false;
+        }
+        depth = level as u32 + 1;
+        let parent = read_pointer(kn, walk.kn_parent)?;
+        if parent == 0 {
+            complete = u32::from(whole);
+            break;
+        }
+        kn = parent;
+    }
+    let data_len = (size_of::<VictimCgroupRecord>() - HEADER_LEN) as u32;
+    // SAFETY: plain stores into the reserved record.
+    unsafe {
+        ptr::addr_of_mut!((*record).header).write(header(
+            RecordKind::VictimCgroup,
+            data_len,
+            data_len,
+        ));
+        ptr::addr_of_mut!((*record).pid).write(pid);
+        ptr::addr_of_mut!((*record).depth).write(depth);
+        ptr::addr_of_mut!((*record).complete).write(complete);
+        ptr::addr_of_mut!((*record).reserved).write(0);
+    }
+    Ok(())
 }
 
 /// `block:block_rq_error`: a block request completed with an error.

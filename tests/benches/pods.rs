@@ -169,6 +169,7 @@ async fn detection_path(
                     shmem_rss_kb: Some(0),
                     pgtables_kb: Some(112),
                     oom_score_adj: Some(0),
+                    memcg: None,
                     owner: None,
                 },
             ),

@@ -257,6 +257,39 @@ fn an_oom_kill_in_a_pod_names_the_pod_cgroupfs_driver() {
     );
 }
 
+/// An OOM storm in a pod: every kill names the pod, though the kernel prints its `oom-kill:`
+/// line (with the victim's memory cgroup) for at most 10 kills in 5 s, and `/proc` is no help
+/// (the agent is given an empty `--host-proc`). The cgroup comes from the kernel itself, walked
+/// by the eBPF program at `mark_victim` from the victim's task (kernels whose `mark_victim`
+/// passes the task: 6.8 and later, as this machine's). Before that program, every kill past
+/// the kernel's rate limit named no pod here, and in a real storm each cost a wait on the
+/// victim's task lock.
+#[test]
+fn every_kill_of_an_oom_storm_in_a_pod_names_the_pod() {
+    const KILLS: usize = 16;
+    pod_test(
+        "every_kill_of_an_oom_storm_in_a_pod_names_the_pod",
+        "npd-pods-oom-storm",
+        true,
+        async |setup| {
+            let node = &setup.node;
+            let pod = node.create_pod(&setup.namespace, "storm").await;
+            let no_proc = TempDir::new("npd-no-proc");
+            let host_proc = format!("--host-proc={}", no_proc.0.display());
+            let agent = start_agent(node, &[&host_proc]).await;
+            let cgroup = MemCgroup::at(&container_cgroup(Driver::Systemd, &pod), Some(32));
+            // More kills than the kernel's OOM report rate limit lets through in 5 s.
+            let pids: Vec<u32> = (0..KILLS)
+                .map(|_| faults::oom_kill_in(hog(), &cgroup))
+                .collect();
+            for pid in pids {
+                assert_task_line(&agent, "oom_kill", pid, &cgroup, &pod);
+            }
+            stop(agent);
+        },
+    );
+}
+
 /// [`oom_kill_in_a_pod`], with kubelet's systemd driver.
 #[test]
 fn an_oom_kill_in_a_pod_names_the_pod_systemd_driver() {

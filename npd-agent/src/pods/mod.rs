@@ -3,7 +3,10 @@
 //! pods. Runs in the enrichment step (`crate::enrich`), off the ring reader; the lookups that
 //! read files run on tokio's blocking pool.
 //!
-//! - **OOM kill**: the kernel prints `oom-kill:...,task_memcg=<path>,...,pid=<pid>` for every
+//! - **OOM kill**: on kernels whose `oom:mark_victim` passes the victim's task (6.8, and
+//!   stable kernels it was taken into), an eBPF program walks the victim's memory cgroup in the
+//!   kernel as it is marked ([`crate::event::OomKill::memcg`]): exact, for every kill. Elsewhere
+//!   the kernel prints `oom-kill:...,task_memcg=<path>,...,pid=<pid>` for every
 //!   kill, before it marks the victim. That line passes through here first, so the victim's
 //!   memory cgroup comes from the kernel itself. `printk:console` sees the line in the pieces
 //!   the kernel prints it in (`pr_cont`: `oom-kill:constraint=...`, `,task_memcg=`, the path,
@@ -190,7 +193,10 @@ impl Attributor {
     pub async fn attribute(&mut self, detail: &mut Detail) {
         let owner = match detail {
             Detail::Log(_) => return,
-            Detail::OomKill(o) => self.oom_victim(o.pid),
+            Detail::OomKill(o) => match o.memcg.clone() {
+                Some(memcg) => self.oom_victim_in(o.pid, memcg),
+                None => self.oom_victim(o.pid),
+            },
             Detail::HungTask(h) => self.task(h.pid, EventKind::HungTask),
             Detail::BlockError(b) => self.device(b.dev).await,
         };
@@ -212,6 +218,18 @@ impl Attributor {
             Some(memcg) => self.of_cgroup(Some(memcg)),
             None => self.of_task(pid),
         };
+        self.metrics.count(EventKind::OomKill, outcome);
+        owner
+    }
+
+    /// An OOM victim whose memory cgroup the kernel walked at `mark_victim` (the exact source,
+    /// for every kill; the `oom-kill:` line is rate limited). The line for the same victim, if
+    /// one came, is dropped with it.
+    pub fn oom_victim_in(&mut self, pid: i32, memcg: String) -> Option<Owner> {
+        if let Some(i) = self.oom_lines.iter().rposition(|(p, _)| *p == pid) {
+            self.oom_lines.remove(i);
+        }
+        let (owner, outcome) = self.of_cgroup(Some(memcg));
         self.metrics.count(EventKind::OomKill, outcome);
         owner
     }

@@ -18,7 +18,9 @@ pub fn event_kind(record: RecordKind) -> EventKind {
     match record {
         RecordKind::Console => EventKind::Log,
         RecordKind::HungTask => EventKind::HungTask,
-        RecordKind::OomVictim => EventKind::OomKill,
+        // A victim's cgroup that could not be delivered is counted with the OOM kills: it is
+        // part of one.
+        RecordKind::OomVictim | RecordKind::VictimCgroup => EventKind::OomKill,
         RecordKind::BlockError | RecordKind::BlockComplete => EventKind::BlockError,
     }
 }
@@ -48,6 +50,9 @@ pub enum DecodeError {
     /// A record for a tracepoint whose format we did not load.
     #[error("record kind {0:?} arrived but its tracepoint format is not loaded")]
     NoFormat(RecordKind),
+    /// A record that is part of an event, not one of its own, where an event was expected.
+    #[error("record kind {0:?} is not an event of its own")]
+    NotAnEvent(RecordKind),
     /// A field could not be read.
     #[error(transparent)]
     Field(#[from] FieldError),
@@ -159,11 +164,80 @@ pub fn split_record(record: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError>
     Ok((header, &payload[..header.data_len as usize]))
 }
 
-/// Decodes one ring-buffer record; the event's time is the record's `ktime_ns`.
+/// Decodes one ring-buffer record that is an event; the event's time is the record's
+/// `ktime_ns`.
 pub fn decode(record: &[u8], layouts: &Layouts) -> Result<KernelEvent, DecodeError> {
+    match decode_record(record, layouts)? {
+        Decoded::Event(event) => Ok(event),
+        Decoded::VictimCgroup { .. } => Err(DecodeError::NotAnEvent(RecordKind::VictimCgroup)),
+    }
+}
+
+/// What one ring-buffer record holds.
+#[derive(Debug)]
+pub enum Decoded {
+    /// An event.
+    Event(KernelEvent),
+    /// An OOM victim's memory cgroup (`None` when the kernel's walk was cut short), for the
+    /// victim's event, which comes next.
+    VictimCgroup {
+        /// The victim's pid.
+        pid: i32,
+        /// Its memory cgroup's path, `/` for the root.
+        memcg: Option<String>,
+    },
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode_record(record: &[u8], layouts: &Layouts) -> Result<Decoded, DecodeError> {
     let (header, data) = split_record(record)?;
+    if header.kind == RecordKind::VictimCgroup as u32 {
+        return victim_cgroup(data);
+    }
     let detail = decode_detail(&header, data, layouts)?;
-    Ok(KernelEvent::new(Mono::from_nanos(header.ktime_ns), detail))
+    Ok(Decoded::Event(KernelEvent::new(
+        Mono::from_nanos(header.ktime_ns),
+        detail,
+    )))
+}
+
+/// A [`npd_common::VictimCgroupRecord`]'s payload: pid, depth, complete, reserved, then the
+/// names, the cgroup's own first and the root's (empty) last.
+fn victim_cgroup(data: &[u8]) -> Result<Decoded, DecodeError> {
+    use npd_common::{CGROUP_DEPTH_MAX, CGROUP_NAME_MAX};
+    const FIXED: usize = 16;
+    let need = FIXED + CGROUP_NAME_MAX * CGROUP_DEPTH_MAX;
+    if data.len() < need {
+        return Err(DecodeError::NotEnoughBytes {
+            need,
+            have: data.len(),
+        });
+    }
+    let word = |i: usize| u32::from_ne_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
+    let pid = word(0) as i32;
+    let (depth, complete) = (word(4) as usize, word(8) == 1);
+    if !complete || depth == 0 || depth > CGROUP_DEPTH_MAX {
+        return Ok(Decoded::VictimCgroup { pid, memcg: None });
+    }
+    let names = &data[FIXED..need];
+    let mut memcg = String::new();
+    // The last name is the root's: the path is the others, from the top down.
+    for level in (0..depth - 1).rev() {
+        let slot = &names[level * CGROUP_NAME_MAX..(level + 1) * CGROUP_NAME_MAX];
+        let name = &slot[..slot.iter().position(|&b| b == 0).unwrap_or(slot.len())];
+        if name.is_empty() || name.contains(&b'/') {
+            return Ok(Decoded::VictimCgroup { pid, memcg: None });
+        }
+        memcg.push('/');
+        memcg.push_str(&String::from_utf8_lossy(name));
+    }
+    if memcg.is_empty() {
+        memcg.push('/');
+    }
+    Ok(Decoded::VictimCgroup {
+        pid,
+        memcg: Some(memcg),
+    })
 }
 
 fn decode_detail(
@@ -203,9 +277,11 @@ fn decode_detail(
                     .map(|f| f.read_i64(data))
                     .transpose()?
                     .map(|v| v as i16),
+                memcg: None,
                 owner: None,
             }))
         }
+        RecordKind::VictimCgroup => Err(DecodeError::NotAnEvent(kind)),
         RecordKind::BlockError | RecordKind::BlockComplete => {
             let l = layouts.block.as_ref().ok_or(DecodeError::NoFormat(kind))?;
             let dev = DevNum::from_kernel_dev(l.dev.read_u64(data)? as u32);
@@ -449,9 +525,75 @@ mod tests {
                 shmem_rss_kb: Some(1),
                 pgtables_kb: Some(4),
                 oom_score_adj: Some(-17),
+                memcg: None,
                 owner: None,
             })
         );
+    }
+
+    /// A victim's cgroup record as the program writes it: names from the cgroup up, the
+    /// root's empty name last.
+    fn victim_record(pid: i32, names: &[&str], complete: bool) -> Vec<u8> {
+        use npd_common::{CGROUP_DEPTH_MAX, CGROUP_NAME_MAX};
+        let mut data = Vec::new();
+        for word in [pid as u32, names.len() as u32, u32::from(complete), 0] {
+            data.extend_from_slice(&word.to_ne_bytes());
+        }
+        let mut slots = vec![0xaa; CGROUP_NAME_MAX * CGROUP_DEPTH_MAX];
+        for (i, name) in names.iter().enumerate() {
+            let at = i * CGROUP_NAME_MAX;
+            slots[at..at + name.len()].copy_from_slice(name.as_bytes());
+            slots[at + name.len()] = 0;
+        }
+        data.extend_from_slice(&slots);
+        record(RecordKind::VictimCgroup, &data, data.len() as u32)
+    }
+
+    #[test]
+    fn victim_cgroups_become_paths() {
+        let layouts = Layouts::default();
+        let path = |names: &[&str], complete| match decode_record(
+            &victim_record(42, names, complete),
+            &layouts,
+        )
+        .unwrap()
+        {
+            Decoded::VictimCgroup { pid, memcg } => {
+                assert_eq!(pid, 42);
+                memcg
+            }
+            Decoded::Event(e) => panic!("not an event: {e:?}"),
+        };
+        let pod = [
+            "cri-containerd-0123abcd.scope",
+            "kubepods-burstable-pod1234.slice",
+            "kubepods-burstable.slice",
+            "kubepods.slice",
+            "",
+        ];
+        assert_eq!(
+            path(&pod, true).as_deref(),
+            Some(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/\
+                 cri-containerd-0123abcd.scope"
+            )
+        );
+        assert_eq!(path(&[""], true).as_deref(), Some("/"));
+        // A walk cut short (too deep, or a name cut) gives no path; so do names no directory
+        // can have.
+        assert_eq!(path(&pod, false), None);
+        assert_eq!(path(&["a/b", ""], true), None);
+        assert_eq!(path(&["", ""], true), None);
+        assert_eq!(path(&[], true), None);
+        // It is not an event of its own, and a short one is an error.
+        assert_eq!(
+            decode(&victim_record(1, &[""], true), &layouts).unwrap_err(),
+            DecodeError::NotAnEvent(RecordKind::VictimCgroup)
+        );
+        assert!(matches!(
+            decode_record(&record(RecordKind::VictimCgroup, &[0; 40], 40), &layouts),
+            Err(DecodeError::NotEnoughBytes { .. })
+        ));
     }
 
     #[test]

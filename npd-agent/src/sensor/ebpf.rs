@@ -11,9 +11,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
-use npd_common::{LossReason, ProgramConfig, RecordKind, loss_slot};
+use npd_common::{CgroupWalk, LossReason, ProgramConfig, RecordKind, loss_slot};
 use tokio::{
     io::unix::AsyncFd,
     sync::{Semaphore, mpsc},
@@ -21,7 +21,8 @@ use tokio::{
 
 use super::{
     Batch, Losses, SensorConfig, SensorStats,
-    decode::{self, Layouts},
+    btf::Btf,
+    decode::{self, Decoded, Layouts},
     format::TracepointFormat,
     supervise::{self, Readers},
 };
@@ -185,6 +186,28 @@ impl EbpfSource {
             }
         }
 
+        // The OOM victim's memory cgroup, walked in the kernel (see `victim_cgroup_offsets`).
+        let victim_cgroup = if usable.iter().any(|tp| tp.program == "mark_victim") {
+            match Btf::vmlinux()
+                .ok_or_else(|| "no BTF at /sys/kernel/btf/vmlinux".to_string())
+                .and_then(|btf| victim_cgroup_offsets(&btf))
+            {
+                Ok(walk) => {
+                    program_config.cgroup_walk = walk;
+                    true
+                }
+                Err(why) => {
+                    tracing::info!(
+                        "OOM victims' memory cgroups are read from the kernel's oom-kill line or \
+                         /proc/<pid>/cgroup, not walked at mark_victim: {why}"
+                    );
+                    false
+                }
+            }
+        } else {
+            false
+        };
+
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &program_config, true)
             .map_max_entries("EVENTS", config.ring_buffer_size)
@@ -196,6 +219,14 @@ impl EbpfSource {
             Err(e) => tracing::warn!("eBPF program diagnostics unavailable: {e}"),
         }
 
+        // Before oom:mark_victim: the kernel calls a tracepoint's probes in the order they were
+        // attached, so the victim's cgroup comes just before the victim.
+        if victim_cgroup && let Err(why) = attach_victim_cgroup(&mut ebpf) {
+            tracing::warn!(
+                "OOM victims' memory cgroups are read from the kernel's oom-kill line or \
+                 /proc/<pid>/cgroup: the mark_victim raw tracepoint program failed: {why}"
+            );
+        }
         let mut attached = Vec::new();
         for tp in usable {
             let name = format!("{}:{}", tp.group, tp.name);
@@ -288,6 +319,56 @@ fn attach(ebpf: &mut Ebpf, tp: &TracepointSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// Where an OOM victim's memory cgroup is, from the kernel's BTF, for the `victim_cgroup`
+/// raw tracepoint program: `task_struct.cgroups` → `css_set.subsys[memory_cgrp_id]` →
+/// `cgroup_subsys_state.cgroup` → `cgroup.kn`, then `kernfs_node.name` and `.parent` up to the
+/// root. The raw tracepoint's first argument must be the victim's `struct task_struct *`
+/// (`mark_victim(struct task_struct *task, uid_t uid)`, since 6.8 and in some stable kernels;
+/// before that it passed only the pid). Says what is missing otherwise.
+pub(crate) fn victim_cgroup_offsets(btf: &Btf) -> Result<CgroupWalk, String> {
+    if !btf.raw_tracepoint_arg_is("mark_victim", 0, "task_struct") {
+        return Err("this kernel's mark_victim does not pass the victim's task".into());
+    }
+    let member = |s: &str, m: &str| {
+        btf.member_offset(s, m)
+            .ok_or_else(|| format!("the kernel's BTF has no {s}.{m}"))
+    };
+    let memory = btf
+        .enum_value("cgroup_subsys_id", "memory_cgrp_id")
+        .and_then(|id| u32::try_from(id).ok())
+        .ok_or("the kernel has no memory cgroup controller (memory_cgrp_id)")?;
+    let subsys = member("css_set", "subsys")?;
+    Ok(CgroupWalk {
+        task_pid: member("task_struct", "pid")?,
+        task_cgroups: member("task_struct", "cgroups")?,
+        css_set_memory: memory
+            .checked_mul(8)
+            .and_then(|o| o.checked_add(subsys))
+            .ok_or("memory_cgrp_id out of range")?,
+        css_cgroup: member("cgroup_subsys_state", "cgroup")?,
+        cgroup_kn: member("cgroup", "kn")?,
+        kn_name: member("kernfs_node", "name")?,
+        // Renamed `__parent` in 6.15 (it became RCU-protected).
+        kn_parent: member("kernfs_node", "parent")
+            .or_else(|_| member("kernfs_node", "__parent"))?,
+    })
+}
+
+fn attach_victim_cgroup(ebpf: &mut Ebpf) -> Result<(), String> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut("victim_cgroup")
+        .ok_or("program victim_cgroup missing from the eBPF object")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program
+        .load()
+        .map_err(|e| format!("loading: {}", chain(&e)))?;
+    program
+        .attach("mark_victim")
+        .map_err(|e| format!("attaching: {}", chain(&e)))?;
+    Ok(())
+}
+
 /// The most records handed over in one burst: a flood is handed over in bursts of this many,
 /// so that the consumer starts on the first while the reader drains the rest.
 const MAX_BATCH: usize = 1024;
@@ -321,6 +402,7 @@ async fn read_ring(
     stats: &SensorStats,
     in_flight: &Arc<Semaphore>,
 ) -> std::io::Result<supervise::Finished> {
+    let mut victims = VictimCgroups::default();
     loop {
         let mut guard = ring.readable_mut().await?;
         let mut drained = false;
@@ -338,13 +420,15 @@ async fn read_ring(
                         drained = true;
                         break;
                     };
-                    decode::decode(&item, layouts)
+                    decode::decode_record(&item, layouts)
                 };
                 match decoded {
-                    Ok(event) => {
+                    Ok(Decoded::Event(mut event)) => {
+                        victims.fill(&mut event);
                         stats.received(event.kind());
                         batch.push(event);
                     }
+                    Ok(Decoded::VictimCgroup { pid, memcg }) => victims.note(pid, memcg),
                     Err(err) => stats.decode_error("eBPF record", &err),
                 }
             }
@@ -356,6 +440,32 @@ async fn read_ring(
         guard.clear_ready();
         if taken >= FLOOD_RECORDS {
             tokio::time::sleep(GATHER).await;
+        }
+    }
+}
+
+/// OOM victims' memory cgroups (`RecordKind::VictimCgroup`) waiting for their victim's record,
+/// which comes next. A few are kept, in case records of other CPUs come in between.
+#[derive(Default)]
+struct VictimCgroups(std::collections::VecDeque<(i32, Option<String>)>);
+
+impl VictimCgroups {
+    const KEPT: usize = 8;
+
+    fn note(&mut self, pid: i32, memcg: Option<String>) {
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((pid, memcg));
+    }
+
+    /// Gives an OOM kill its victim's memory cgroup, when it came (each is used once).
+    fn fill(&mut self, event: &mut crate::event::KernelEvent) {
+        if let crate::event::Detail::OomKill(o) = &mut event.detail
+            && let Some(i) = self.0.iter().rposition(|(pid, _)| *pid == o.pid)
+            && let Some((_, memcg)) = self.0.remove(i)
+        {
+            o.memcg = memcg;
         }
     }
 }

@@ -12,6 +12,7 @@
 //! `auto` tries eBPF and falls back to `/dev/kmsg`, saying once and precisely why.
 
 pub(crate) mod blockdev;
+pub(crate) mod btf;
 pub mod decode;
 pub(crate) mod ebpf;
 pub mod format;

@@ -22,10 +22,10 @@ use std::{
 
 use npd_tests::{
     agent::{Agent, is_kernel_event},
-    faults::oom_kill,
+    faults::oom_kill_in,
     kernel::{
-        ChildGuard, Frozen, LoopDevice, Mount, Sysctl, TempDir, run, sized_file, start_hog,
-        write_kmsg,
+        ChildGuard, Frozen, LoopDevice, MemCgroup, Mount, Sysctl, TempDir, run, sized_file,
+        start_hog, write_kmsg,
     },
 };
 use serde_json::{Value, json};
@@ -410,14 +410,20 @@ fn is_problem(v: &Value, reason: &str) -> bool {
 
 fn oom_check(guest: &Guest, hierarchy: &str) -> Outcome {
     let agent = agent();
-    let pid = oom_kill(Path::new(HOG));
-    let event = observe(
+    let cgroup = MemCgroup::new(32);
+    let pid = oom_kill_in(Path::new(HOG), &cgroup);
+    let mut seen = observe(
         &agent,
-        &[("OOMKilling problem", &|v| {
-            is_problem(v, "OOMKilling") && v["pid"] == pid
-        })],
-    )
-    .remove(0);
+        &[
+            ("OOMKilling problem", &|v| {
+                is_problem(v, "OOMKilling") && v["pid"] == pid
+            }),
+            ("oom_kill event", &|v| {
+                is_kernel_event(v, "oom_kill") && v["pid"] == pid
+            }),
+        ],
+    );
+    let (event, kernel_event) = (seen.remove(0), seen.remove(0));
     let message = event["message"].as_str().unwrap_or_default().to_string();
     assert!(message.contains(&pid.to_string()), "{event}");
     // comm comes from the tracepoint where the kernel has it. 5.10's gives the pid only: the
@@ -437,8 +443,24 @@ fn oom_check(guest: &Guest, hierarchy: &str) -> Outcome {
         ));
     }
     assert!(message.contains("npd-test-hog"), "{event}");
+    // Where mark_victim has the victim's fields it passes the task: the victim's memory
+    // cgroup is walked in the kernel (the `victim_cgroup` raw tracepoint program, with
+    // offsets from this kernel's BTF), and names the cgroup the hog ran in.
+    let stderr = agent.stderr();
+    assert!(
+        !stderr.contains("OOM victims' memory cgroups are read from"),
+        "the victim's cgroup is not walked in the kernel:\n{stderr}"
+    );
+    assert_eq!(
+        kernel_event["cgroup"],
+        cgroup.kernel_path().as_str(),
+        "{kernel_event}"
+    );
     assert!(agent.stop().status.success());
-    Outcome::Pass(format!("{hierarchy}: one OOMKilling: {message}"))
+    Outcome::Pass(format!(
+        "{hierarchy}: one OOMKilling: {message}; memory cgroup {} walked at mark_victim",
+        cgroup.kernel_path()
+    ))
 }
 
 /// Takes the memory controller off cgroup v2's root when dropped (also when the check
