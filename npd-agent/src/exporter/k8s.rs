@@ -458,6 +458,10 @@ impl K8sHandle {
             return;
         }
         let c = &self.shared.counters;
+        // An occurrence folded into an Event already waiting wakes nobody: the writer knows
+        // when that Event is due. In an OOM storm that is every kill after the first of each
+        // second, where a wake-up of the writer's thread per kill cost more than the kill.
+        let wake = pushed.contains(&Pushed::Queued);
         for pushed in pushed {
             c.events_received.inc();
             if pushed == Pushed::Dropped {
@@ -471,7 +475,9 @@ impl K8sHandle {
                 }
             }
         }
-        self.shared.events_queued.notify_one();
+        if wake {
+            self.shared.events_queued.notify_one();
+        }
     }
 
     /// The states of npd's conditions found on the Node each time it is read (at start, and
