@@ -6,7 +6,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use npd_agent::{
     engine::Engine,
-    event::{Detail, KernelEvent, LogMessage},
+    event::{Detail, KernelEvent, LogMessage, OomKill},
     rules::RuleSet,
     time::Mono,
 };
@@ -84,6 +84,43 @@ fn bench(c: &mut Criterion) {
                 reports += engine.handle(e).len();
             }
             reports
+        });
+    });
+    // One kill of an OOM storm as the kernel delivers it once its OOM report is rate limited:
+    // the victim's `mark_victim` event, then the kernel's text of the same kill (one problem).
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("oom_storm_kill", |b| {
+        let mut engine = Engine::new(RuleSet::defaults());
+        let mut now = Mono::ZERO;
+        let mut pid = 1000;
+        b.iter(|| {
+            pid += 1;
+            now = now.saturating_add(Duration::from_millis(12));
+            let victim = KernelEvent::new(
+                now,
+                Detail::OomKill(OomKill {
+                    pid,
+                    comm: Some("npd-test-hog".into()),
+                    uid: Some(0),
+                    total_vm_kb: Some(7084),
+                    anon_rss_kb: Some(3968),
+                    file_rss_kb: Some(572),
+                    shmem_rss_kb: Some(0),
+                    pgtables_kb: Some(48),
+                    oom_score_adj: Some(0),
+                    memcg: None,
+                    owner: None,
+                }),
+            );
+            let line = KernelEvent::new(
+                now,
+                LogMessage::new(format!(
+                    "Memory cgroup out of memory: Killed process {pid} (npd-test-hog) \
+                     total-vm:7084kB, anon-rss:3968kB, file-rss:572kB, shmem-rss:0kB, UID:0 \
+                     pgtables:48kB oom_score_adj:0"
+                )),
+            );
+            engine.handle(&victim).len() + engine.handle(&line).len()
         });
     });
     group.finish();

@@ -420,16 +420,21 @@ impl Engine {
         }
         self.stats.log_messages += 1;
         let mut fired: Vec<(usize, String)> = Vec::new();
-        // `is_match` first: most lines match nothing, and it allocates nothing.
-        if let Some(set) = &self.fast_set
-            && self
-                .fast_prefilter
-                .as_ref()
-                .is_none_or(|p| p.is_match(msg.as_bytes()))
-            && set.is_match(msg.as_bytes())
-        {
-            let matches = set.matches(msg.as_bytes());
-            fired.extend(matches.iter().map(|i| (self.fast_rules[i], msg.to_owned())));
+        // The literal prefilter turns away most lines. A line it lets through nearly always
+        // matches (it holds a literal every match of some rule must hold), so the set is
+        // searched once, for every rule it matches: an `is_match` pass before it searched the
+        // line twice (in an OOM storm, each kill's line arrives alone, with the search's
+        // tables out of the CPU's caches, and that pass was 8% of the agent's samples). Without
+        // a prefilter, `is_match` still turns away what matches nothing, allocating nothing.
+        if let Some(set) = &self.fast_set {
+            let candidate = match &self.fast_prefilter {
+                Some(p) => p.is_match(msg.as_bytes()),
+                None => set.is_match(msg.as_bytes()),
+            };
+            if candidate {
+                let matches = set.matches(msg.as_bytes());
+                fired.extend(matches.iter().map(|i| (self.fast_rules[i], msg.to_owned())));
+            }
         }
         if !self.slow_rules.is_empty() {
             self.match_buffers(msg, &mut fired);
