@@ -200,6 +200,12 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         container.wait_log(STARTED, DEADLINE);
         let logs = container.logs();
         assert!(logs.contains("source=\"ebpf\""), "{logs}");
+        // With the DaemonSet's capabilities and its /sys/kernel/btf mount, OOM victims'
+        // memory cgroups are walked in the kernel (this kernel's mark_victim passes the task).
+        assert!(
+            !logs.contains("OOM victims' memory cgroups are read from"),
+            "the victim_cgroup program is not attached in the container: {logs}"
+        );
         let pid = container.pid();
         let idle_kib = procstat::status_kib(pid, "VmRSS");
 
