@@ -92,7 +92,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
 ///   of the largest mapped block freed, up to 32 MiB: after the start reads the kernel's BTF
 ///   (a few MiB, twice: npd's offsets and aya's loader), every later block below that size
 ///   came from the heap, and the heap they left did not shrink. Idle RSS was 30.8 MiB that
-///   way, 17.x MiB with the threshold fixed. `MALLOC_MMAP_THRESHOLD_`, when set, still wins.
+///   way, 17.8 MiB (median of 3) with the threshold fixed. `MALLOC_MMAP_THRESHOLD_` still wins.
 ///
 /// musl (the image's static build) has neither arenas nor a moving threshold.
 fn tune_malloc() {

@@ -50,9 +50,6 @@ pub enum DecodeError {
     /// A record for a tracepoint whose format we did not load.
     #[error("record kind {0:?} arrived but its tracepoint format is not loaded")]
     NoFormat(RecordKind),
-    /// A record that is part of an event, not one of its own, where an event was expected.
-    #[error("record kind {0:?} is not an event of its own")]
-    NotAnEvent(RecordKind),
     /// A field could not be read.
     #[error(transparent)]
     Field(#[from] FieldError),
@@ -164,15 +161,6 @@ pub fn split_record(record: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError>
     Ok((header, &payload[..header.data_len as usize]))
 }
 
-/// Decodes one ring-buffer record that is an event; the event's time is the record's
-/// `ktime_ns`.
-pub fn decode(record: &[u8], layouts: &Layouts) -> Result<KernelEvent, DecodeError> {
-    match decode_record(record, layouts)? {
-        Decoded::Event(event) => Ok(event),
-        Decoded::VictimCgroup { .. } => Err(DecodeError::NotAnEvent(RecordKind::VictimCgroup)),
-    }
-}
-
 /// What one ring-buffer record holds.
 #[derive(Debug)]
 pub enum Decoded {
@@ -188,17 +176,10 @@ pub enum Decoded {
     },
 }
 
-/// Decodes one ring-buffer record.
+/// Decodes one ring-buffer record; an event's time is the record's `ktime_ns`.
 pub fn decode_record(record: &[u8], layouts: &Layouts) -> Result<Decoded, DecodeError> {
     let (header, data) = split_record(record)?;
-    if header.kind == RecordKind::VictimCgroup as u32 {
-        return victim_cgroup(data);
-    }
-    let detail = decode_detail(&header, data, layouts)?;
-    Ok(Decoded::Event(KernelEvent::new(
-        Mono::from_nanos(header.ktime_ns),
-        detail,
-    )))
+    decode_payload(&header, data, layouts)
 }
 
 /// A [`npd_common::VictimCgroupRecord`]'s payload: pid, depth, complete, reserved, then the
@@ -240,29 +221,29 @@ fn victim_cgroup(data: &[u8]) -> Result<Decoded, DecodeError> {
     })
 }
 
-fn decode_detail(
+fn decode_payload(
     header: &RecordHeader,
     data: &[u8],
     layouts: &Layouts,
-) -> Result<Detail, DecodeError> {
+) -> Result<Decoded, DecodeError> {
     let kind = RecordKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
-    match kind {
-        RecordKind::Console => Ok(Detail::Log(decode_console(header, data))),
+    let detail = match kind {
+        RecordKind::Console => Detail::Log(decode_console(header, data)),
         RecordKind::HungTask => {
             let l = layouts
                 .hung_task
                 .as_ref()
                 .ok_or(DecodeError::NoFormat(kind))?;
-            Ok(Detail::HungTask(HungTask {
+            Detail::HungTask(HungTask {
                 pid: l.pid.read_i64(data)? as i32,
                 comm: l.comm.read_string(data)?,
                 owner: None,
-            }))
+            })
         }
         RecordKind::OomVictim => {
             let l = layouts.oom.as_ref().ok_or(DecodeError::NoFormat(kind))?;
             let u64_of = |f: &Option<Field>| f.as_ref().map(|f| f.read_u64(data)).transpose();
-            Ok(Detail::OomKill(OomKill {
+            Detail::OomKill(OomKill {
                 pid: l.pid.read_i64(data)? as i32,
                 comm: l.comm.as_ref().map(|f| f.read_string(data)).transpose()?,
                 uid: u64_of(&l.uid)?.map(|v| v as u32),
@@ -279,14 +260,14 @@ fn decode_detail(
                     .map(|v| v as i16),
                 memcg: None,
                 owner: None,
-            }))
+            })
         }
-        RecordKind::VictimCgroup => Err(DecodeError::NotAnEvent(kind)),
+        RecordKind::VictimCgroup => return victim_cgroup(data),
         RecordKind::BlockError | RecordKind::BlockComplete => {
             let l = layouts.block.as_ref().ok_or(DecodeError::NoFormat(kind))?;
             let dev = DevNum::from_kernel_dev(l.dev.read_u64(data)? as u32);
             let rwbs = l.rwbs.read_string(data)?;
-            Ok(Detail::BlockError(BlockError {
+            Detail::BlockError(BlockError {
                 device: None,
                 dev,
                 sector: l.sector.read_u64(data)?,
@@ -295,9 +276,13 @@ fn decode_detail(
                 rwbs,
                 error: l.error.read_i64(data)? as i32,
                 owner: None,
-            }))
+            })
         }
-    }
+    };
+    Ok(Decoded::Event(KernelEvent::new(
+        Mono::from_nanos(header.ktime_ns),
+        detail,
+    )))
 }
 
 fn decode_console(header: &RecordHeader, text: &[u8]) -> LogMessage {
@@ -531,6 +516,14 @@ mod tests {
         );
     }
 
+    /// An event record's event.
+    fn decode(record: &[u8], layouts: &Layouts) -> Result<KernelEvent, DecodeError> {
+        match decode_record(record, layouts)? {
+            Decoded::Event(event) => Ok(event),
+            other => panic!("not an event: {other:?}"),
+        }
+    }
+
     /// A victim's cgroup record as the program writes it: names from the cgroup up, the
     /// root's empty name last.
     fn victim_record(pid: i32, names: &[&str], complete: bool) -> Vec<u8> {
@@ -585,11 +578,7 @@ mod tests {
         assert_eq!(path(&["a/b", ""], true), None);
         assert_eq!(path(&["", ""], true), None);
         assert_eq!(path(&[], true), None);
-        // It is not an event of its own, and a short one is an error.
-        assert_eq!(
-            decode(&victim_record(1, &[""], true), &layouts).unwrap_err(),
-            DecodeError::NotAnEvent(RecordKind::VictimCgroup)
-        );
+        // A short one is an error.
         assert!(matches!(
             decode_record(&record(RecordKind::VictimCgroup, &[0; 40], 40), &layouts),
             Err(DecodeError::NotEnoughBytes { .. })
